@@ -9,6 +9,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-backend-impl.h" // a fake device for the supports_op guard
 
 #include <cmath>
 #include <cstdint>
@@ -290,6 +291,51 @@ static void report(const std::string & name, const char * what, bool ok, const c
     (ok ? n_pass : n_fail)++;
 }
 
+// a backend that does not implement the kv bias must not get the node: ggml_backend_dev_supports_op rejects
+// SOFT_MAX/FLASH_ATTN_EXT with a kv bias on any non-CPU device, so the scheduler runs them on the CPU. A GPU
+// device is faked here (its own supports_op accepts everything, as CUDA's does for SOFT_MAX).
+static enum ggml_backend_dev_type fake_type_gpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_GPU; }
+static enum ggml_backend_dev_type fake_type_cpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_CPU; }
+static bool fake_supports_op(ggml_backend_dev_t, const struct ggml_tensor *) { return true; }
+
+static void test_backend_guard() {
+    ggml_init_params ip = { 1 << 20, nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+
+    ggml_tensor * kq   = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 32, 4, 2, 1);
+    ggml_tensor * q    = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 64, 4, 2, 1);
+    ggml_tensor * k    = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, 64, 32, 1, 1);
+    ggml_tensor * bias = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 2);
+    ggml_tensor * idx  = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 4, 1);
+
+    ggml_tensor * sm_plain = ggml_soft_max_ext(ctx, kq, nullptr, 1.0f, 0.0f);
+    ggml_tensor * sm_bias  = ggml_soft_max_ext(ctx, kq, nullptr, 1.0f, 0.0f);
+    ggml_soft_max_add_kv_bias(sm_bias, bias, idx);
+    ggml_tensor * fa_plain = ggml_flash_attn_ext(ctx, q, k, k, nullptr, 1.0f, 0.0f, 0.0f);
+    ggml_tensor * fa_bias  = ggml_flash_attn_ext(ctx, q, k, k, nullptr, 1.0f, 0.0f, 0.0f);
+    ggml_flash_attn_ext_add_kv_bias(fa_bias, bias, idx);
+
+    ggml_backend_device gpu = {};
+    gpu.iface.get_type    = fake_type_gpu;
+    gpu.iface.supports_op = fake_supports_op;
+    ggml_backend_device cpu = gpu;
+    cpu.iface.get_type    = fake_type_cpu;
+
+    const bool ok =
+        ggml_backend_dev_supports_op(&gpu, sm_plain) && !ggml_backend_dev_supports_op(&gpu, sm_bias) &&
+        ggml_backend_dev_supports_op(&gpu, fa_plain) && !ggml_backend_dev_supports_op(&gpu, fa_bias) &&
+        ggml_backend_dev_supports_op(&cpu, sm_bias)  &&  ggml_backend_dev_supports_op(&cpu, fa_bias);
+    report("backend guard: kv bias rejected on a non-CPU device", "guard", ok, "", 0.0, 0.0);
+
+    // clearing the bias (NULL) empties the slots again
+    ggml_soft_max_add_kv_bias(sm_bias, nullptr, nullptr);
+    ggml_flash_attn_ext_add_kv_bias(fa_bias, nullptr, nullptr);
+    const bool cleared = ggml_backend_dev_supports_op(&gpu, sm_bias) && ggml_backend_dev_supports_op(&gpu, fa_bias);
+    report("backend guard: a cleared kv bias is accepted again", "guard", cleared, "", 0.0, 0.0);
+
+    ggml_free(ctx);
+}
+
 static void run_case(const test_case & tc, uint32_t seed) {
     const test_data td = make_data(tc, seed);
 
@@ -358,6 +404,8 @@ int main() {
     for (const test_case & tc : cases) {
         run_case(tc, seed++);
     }
+
+    test_backend_guard();
 
     ggml_backend_free(g_backend);
 

@@ -1,0 +1,715 @@
+#include "engine.h"
+
+#include "gguf.h"
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <mutex>
+
+namespace zt {
+
+// ---------------------------------------------------------------------------------------------
+// logging: llama.cpp's INFO/DEBUG output is hidden; errors and the first-token bias warnings are
+// shown (ZT_GGUF_LOG=debug shows everything)
+
+static void log_callback(ggml_log_level level, const char * text, void * /*user_data*/) {
+    static const bool verbose = [] {
+        const char * v = std::getenv("ZT_GGUF_LOG");
+        return v && std::strcmp(v, "debug") == 0;
+    }();
+    static ggml_log_level last = GGML_LOG_LEVEL_NONE;
+    if (level != GGML_LOG_LEVEL_CONT) {
+        last = level;
+    }
+    const bool show = verbose || last == GGML_LOG_LEVEL_ERROR ||
+        (last == GGML_LOG_LEVEL_WARN && std::strstr(text, "first-token") != nullptr);
+    if (show) {
+        std::fputs(text, stderr);
+    }
+}
+
+static void backend_init() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        llama_log_set(log_callback, nullptr);
+        llama_backend_init();
+    });
+}
+
+static std::string meta_str(const llama_model * m, const char * key) {
+    char buf[512];
+    const int32_t n = llama_model_meta_val_str(m, key, buf, sizeof(buf));
+    return n < 0 ? std::string() : std::string(buf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+model::model(const std::string & path) {
+    backend_init();
+
+    {
+        std::ifstream f(path, std::ios::binary);
+        if (!f) {
+            throw error(path + ": cannot open the file");
+        }
+        char magic[4] = {};
+        f.read(magic, 4);
+        if (f.gcount() != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+            throw error(path + ": not a GGUF file");
+        }
+    }
+
+    // read the architecture first, so that a load failure can name it
+    std::string arch;
+    {
+        gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
+        gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+        if (!g) {
+            throw error(path + ": invalid or truncated GGUF file");
+        }
+        const int64_t kid = gguf_find_key(g, "general.architecture");
+        if (kid >= 0 && gguf_get_kv_type(g, kid) == GGUF_TYPE_STRING) {
+            arch = gguf_get_val_str(g, kid);
+        }
+        gguf_free(g);
+    }
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    model_ = llama_model_load_from_file(path.c_str(), mp);
+    if (!model_) {
+        throw error(path + ": llama.cpp cannot load this model" +
+                (arch.empty() ? std::string(" (no general.architecture)") : " (architecture '" + arch + "')"));
+    }
+    vocab_ = llama_model_get_vocab(model_);
+
+    info_.arch        = arch;
+    info_.name        = meta_str(model_, "general.name");
+    info_.n_layer     = llama_model_n_layer(model_);
+    info_.n_ftb       = llama_model_n_attn_ftb(model_);
+    info_.n_head      = info_.n_layer > 0 ? info_.n_ftb / info_.n_layer : 0;
+    info_.n_head_kv   = llama_model_n_head_kv(model_);
+    info_.n_embd      = llama_model_n_embd(model_);
+    info_.n_vocab     = llama_vocab_n_tokens(vocab_);
+    info_.n_ctx_train = llama_model_n_ctx_train(model_);
+    info_.add_bos     = llama_vocab_get_add_bos(vocab_);
+    info_.bos         = llama_vocab_bos(vocab_);
+    info_.eos         = llama_vocab_eos(vocab_);
+
+    if (llama_model_has_encoder(model_) || info_.n_ftb <= 0) {
+        llama_model_free(model_);
+        model_ = nullptr;
+        throw error(path + ": unsupported model (architecture '" + arch + "'): zt-gguf needs a decoder-only attention model");
+    }
+}
+
+model::~model() {
+    if (model_) {
+        llama_model_free(model_);
+    }
+}
+
+std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    std::vector<llama_token> res(text.size() + 8);
+    int32_t n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), res.data(), (int32_t) res.size(), add_special, parse_special);
+    if (n < 0) {
+        res.resize(-n);
+        n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), res.data(), (int32_t) res.size(), add_special, parse_special);
+    }
+    if (n < 0) {
+        throw error("tokenization failed");
+    }
+    res.resize(n);
+    return res;
+}
+
+std::string model::token_to_piece(llama_token token) const {
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, false);
+    if (n < 0) {
+        std::string big(-n, '\0');
+        n = llama_token_to_piece(vocab_, token, big.data(), (int32_t) big.size(), 0, false);
+        return n < 0 ? std::string() : big.substr(0, n);
+    }
+    return std::string(buf, n);
+}
+
+std::string model::detokenize(const std::vector<llama_token> & tokens) const {
+    std::string res;
+    for (llama_token t : tokens) {
+        res += token_to_piece(t);
+    }
+    return res;
+}
+
+bool model::is_eog(llama_token token) const {
+    return llama_vocab_is_eog(vocab_, token);
+}
+
+// ---------------------------------------------------------------------------------------------
+// logits helpers
+
+struct dist_stats {
+    double lse;     // log-sum-exp over the vocabulary
+    double entropy; // nats
+    llama_token argmax;
+};
+
+static dist_stats full_stats(const float * x, int32_t n) {
+    float mx = x[0];
+    llama_token am = 0;
+    for (int32_t i = 1; i < n; ++i) {
+        if (x[i] > mx) {
+            mx = x[i];
+            am = i;
+        }
+    }
+    double sum = 0.0, sum_px = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        const double e = std::exp((double) (x[i] - mx));
+        sum    += e;
+        sum_px += e * (double) (x[i] - mx);
+    }
+    const double lse = mx + std::log(sum);
+    return { lse, std::log(sum) - sum_px / sum, am };
+}
+
+static double log_sum_exp(const float * x, int32_t n) {
+    float mx = x[0];
+    for (int32_t i = 1; i < n; ++i) {
+        mx = std::max(mx, x[i]);
+    }
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        sum += std::exp((double) (x[i] - mx));
+    }
+    return mx + std::log(sum);
+}
+
+static size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b) {
+    size_t i = 0;
+    while (i < a.size() && i < b.size() && a[i] == b[i]) {
+        ++i;
+    }
+    return i;
+}
+
+static std::string lower(std::string s) {
+    for (char & c : s) {
+        c = (char) std::tolower((unsigned char) c);
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// context
+
+// a run of consecutive tokens of one sequence; on_logits(j, logits) is called for each j in outputs
+struct context::segment {
+    llama_seq_id seq;
+    llama_pos    pos0;
+    const llama_token * tokens;
+    int32_t      n;
+    std::vector<int32_t> outputs; // ascending positions within the segment that need logits
+    std::function<void(int32_t, const float *)> on_logits;
+};
+
+// the tokenized item and its results
+struct context::plan {
+    const score_item * item;
+    item_score * out;
+    std::vector<llama_token> prompt;              // P
+    std::vector<std::vector<llama_token>> whole;  // W_c = tokenize(prompt + choice_c)
+    int32_t branch = 0;                           // b: the choices branch after P[:b] (b < |P| on a token merge)
+    llama_seq_id seq = -1;
+    std::vector<llama_seq_id> choice_seq;         // -1 when the choice is a single token after b
+    int32_t n_cells = 0;                          // KV cells the item needs beyond the shared prefix
+    bool generating = false;
+};
+
+context::context(model & m, const context_params & params) : model_(m), params_(params) {
+    backend_init();
+
+    if (params.n_ctx < 16 || params.n_batch < 2 || params.n_ubatch < 1 || params.n_seq_max < 2 || params.n_threads < 1) {
+        throw error("invalid context parameters");
+    }
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = params.n_ctx;
+    cp.n_batch         = params.n_batch;
+    cp.n_ubatch        = std::min(params.n_ubatch, params.n_batch);
+    // LLAMA_MAX_SEQ is 256, and llama.cpp needs n_batch >= n_seq_max (one output per sequence)
+    cp.n_seq_max       = std::min({ params.n_seq_max, (int32_t) 256, params.n_batch });
+    cp.n_threads       = params.n_threads;
+    cp.n_threads_batch = params.n_threads;
+    cp.flash_attn_type = params.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO :
+                         params.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    cp.kv_unified      = true; // sequences share the cells of a common prefix (seq_cp)
+    cp.swa_full        = true; // shared prefixes must not be pruned from the sliding-window cache
+    cp.no_perf         = true;
+
+    ctx_ = llama_init_from_model(m.get(), cp);
+    if (!ctx_) {
+        throw error("cannot create a llama.cpp context (n_ctx " + std::to_string(params.n_ctx) + ")");
+    }
+    params_.n_seq_max = (int32_t) llama_n_seq_max(ctx_);
+    params_.n_ctx     = (int32_t) llama_n_ctx(ctx_);
+    batch_ = llama_batch_init(params_.n_batch, 0, 1);
+}
+
+context::~context() {
+    llama_batch_free(batch_);
+    if (ctx_) {
+        llama_free(ctx_);
+    }
+}
+
+void context::clear() {
+    llama_memory_clear(llama_get_memory(ctx_), true);
+    prefix_.clear();
+}
+
+void context::set_bias(const std::vector<float> & bias) {
+    const int32_t rc = llama_set_attn_ftb(ctx_, bias.empty() ? nullptr : bias.data(), bias.size());
+    if (rc == -1) {
+        throw error("bias has " + std::to_string(bias.size()) + " values, the model needs n_layer*n_head = " +
+                std::to_string(model_.info().n_ftb));
+    }
+    if (rc != 0) {
+        throw error("bias has a non-finite value");
+    }
+    // the cached K/V were computed with the previous bias
+    clear();
+}
+
+std::vector<float> context::get_bias() const {
+    const int32_t n = llama_get_attn_ftb(ctx_, nullptr, 0);
+    std::vector<float> res(std::max(n, 0));
+    if (n > 0) {
+        llama_get_attn_ftb(ctx_, res.data(), res.size());
+    }
+    return res;
+}
+
+void context::decode_segments(std::vector<segment> & segs) {
+    struct pending {
+        size_t seg;
+        int32_t j;
+        int32_t idx;
+    };
+    std::vector<pending> outs;
+
+    size_t si = 0;
+    int32_t off = 0;
+    while (si < segs.size()) {
+        batch_.n_tokens = 0;
+        outs.clear();
+        while (si < segs.size() && batch_.n_tokens < params_.n_batch) {
+            segment & s = segs[si];
+            const int32_t take = std::min(s.n - off, params_.n_batch - batch_.n_tokens);
+            auto it = std::lower_bound(s.outputs.begin(), s.outputs.end(), off);
+            for (int32_t j = off; j < off + take; ++j) {
+                const int32_t k = batch_.n_tokens++;
+                const bool want = it != s.outputs.end() && *it == j;
+                if (want) {
+                    ++it;
+                    outs.push_back({ si, j, k });
+                }
+                batch_.token[k]     = s.tokens[j];
+                batch_.pos[k]       = s.pos0 + j;
+                batch_.n_seq_id[k]  = 1;
+                batch_.seq_id[k][0] = s.seq;
+                batch_.logits[k]    = want;
+            }
+            off += take;
+            if (off == s.n) {
+                ++si;
+                off = 0;
+            }
+        }
+        if (batch_.n_tokens == 0) {
+            break;
+        }
+
+        const auto t0 = std::chrono::steady_clock::now();
+        const int32_t rc = llama_decode(ctx_, batch_);
+        stats_.t_decode_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (rc != 0) {
+            throw error("llama_decode failed (" + std::to_string(rc) + "): the KV cache is full or the batch is invalid");
+        }
+        stats_.n_decoded += batch_.n_tokens;
+        stats_.n_outputs += (int64_t) outs.size();
+        stats_.n_calls   += 1;
+
+        for (const pending & p : outs) {
+            const float * logits = llama_get_logits_ith(ctx_, p.idx);
+            if (!logits) {
+                throw error("llama.cpp returned no logits");
+            }
+            segs[p.seg].on_logits(p.j, logits);
+        }
+    }
+}
+
+std::vector<float> context::logits(const std::vector<llama_token> & tokens) {
+    if (tokens.empty()) {
+        throw error("no tokens");
+    }
+    if ((int32_t) tokens.size() > params_.n_ctx) {
+        throw error(std::to_string(tokens.size()) + " tokens do not fit the context of " + std::to_string(params_.n_ctx));
+    }
+    const int32_t n_vocab = model_.info().n_vocab;
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab) {
+            throw error("token id " + std::to_string(t) + " is out of the vocabulary");
+        }
+    }
+
+    clear();
+    std::vector<float> res(tokens.size() * (size_t) n_vocab);
+    std::vector<segment> segs(1);
+    segs[0].seq    = 0;
+    segs[0].pos0   = 0;
+    segs[0].tokens = tokens.data();
+    segs[0].n      = (int32_t) tokens.size();
+    for (int32_t j = 0; j < segs[0].n; ++j) {
+        segs[0].outputs.push_back(j);
+    }
+    segs[0].on_logits = [&](int32_t j, const float * x) {
+        std::copy(x, x + n_vocab, res.begin() + (size_t) j * n_vocab);
+    };
+    decode_segments(segs);
+    clear();
+    return res;
+}
+
+std::vector<item_score> context::score(const std::vector<score_item> & items, const score_options & opt) {
+    std::vector<item_score> results(items.size());
+    if (items.empty()) {
+        return results;
+    }
+    if (opt.n_gen < 0) {
+        throw error("n_gen must be >= 0");
+    }
+
+    const bool add_bos = model_.info().add_bos;
+
+    // tokenize; the branch point is where every choice's tokens part from the prompt's
+    std::vector<plan> plans(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+        const score_item & it = items[i];
+        plan & p = plans[i];
+        p.item = &it;
+        p.out  = &results[i];
+        if (it.choices.empty()) {
+            throw error("item " + std::to_string(i) + ": no choices");
+        }
+        p.prompt = model_.tokenize(it.prompt, add_bos, opt.parse_special);
+        if (p.prompt.empty()) {
+            throw error("item " + std::to_string(i) + ": the prompt has no tokens");
+        }
+        p.branch = (int32_t) p.prompt.size();
+        for (size_t c = 0; c < it.choices.size(); ++c) {
+            if (it.choices[c].empty()) {
+                throw error("item " + std::to_string(i) + ": choice " + std::to_string(c) + " is empty");
+            }
+            p.whole.push_back(model_.tokenize(it.prompt + it.choices[c], add_bos, opt.parse_special));
+            p.branch = std::min<int32_t>(p.branch, (int32_t) common_prefix(p.prompt, p.whole.back()));
+        }
+        if (p.branch == 0) {
+            throw error("item " + std::to_string(i) + ": the prompt and its choices share no token");
+        }
+        for (size_t c = 0; c < p.whole.size(); ++c) {
+            if ((int32_t) p.whole[c].size() <= p.branch) {
+                throw error("item " + std::to_string(i) + ": choice " + std::to_string(c) + " adds no token to the prompt");
+            }
+        }
+        p.out->n_prompt_tokens = (int32_t) p.prompt.size();
+        p.out->choice_logprob.assign(it.choices.size(), 0.0);
+        p.out->choice_first_logprob.assign(it.choices.size(), 0.0);
+        p.out->choice_n_tokens.resize(it.choices.size());
+        stats_.n_item_tokens += (int64_t) p.prompt.size();
+        for (size_t c = 0; c < p.whole.size(); ++c) {
+            p.out->choice_n_tokens[c] = (int32_t) p.whole[c].size() - p.branch;
+            stats_.n_item_tokens += (int64_t) p.whole[c].size() - (int64_t) p.prompt.size();
+        }
+    }
+
+    // the prefix shared by every item is evaluated once in seq 0 (each item keeps at least one token of its own)
+    size_t g = plans[0].branch - 1;
+    for (const plan & p : plans) {
+        g = std::min<size_t>(g, p.branch - 1);
+        g = std::min(g, common_prefix(plans[0].prompt, p.prompt));
+    }
+    std::vector<llama_token> shared(plans[0].prompt.begin(), plans[0].prompt.begin() + g);
+
+    llama_memory_t mem = llama_get_memory(ctx_);
+    for (llama_seq_id s = 1; s < params_.n_seq_max; ++s) {
+        llama_memory_seq_rm(mem, s, -1, -1);
+    }
+    {
+        // keep what seq 0 already holds of it (the same prefix in an earlier call with the same bias)
+        const size_t keep = common_prefix(prefix_, shared);
+        if (keep < prefix_.size()) {
+            if (!llama_memory_seq_rm(mem, 0, (llama_pos) keep, -1)) {
+                clear();
+            }
+        }
+        const size_t have = std::min(keep, prefix_.size());
+        prefix_.resize(have);
+        if ((int32_t) g + 1 > params_.n_ctx) {
+            throw error("the shared prompt prefix does not fit the context");
+        }
+        if (have < g) {
+            std::vector<segment> segs(1);
+            segs[0].seq    = 0;
+            segs[0].pos0   = (llama_pos) have;
+            segs[0].tokens = shared.data() + have;
+            segs[0].n      = (int32_t) (g - have);
+            segs[0].on_logits = [](int32_t, const float *) {};
+            decode_segments(segs);
+        }
+        prefix_ = shared;
+    }
+
+    // group the items so that a group fits the KV cache and the sequence ids
+    const int32_t n_gen_extra = std::max(0, opt.n_gen - 1);
+    const int32_t cell_budget = params_.n_ctx - (int32_t) g;
+    std::vector<plan *> group;
+    int32_t cells = 0, seqs = 0;
+    for (size_t i = 0; i < plans.size(); ++i) {
+        plan & p = plans[i];
+        int32_t need = (int32_t) p.prompt.size() - (int32_t) g + n_gen_extra;
+        int32_t nseq = 1;
+        for (const auto & w : p.whole) {
+            const int32_t feed = (int32_t) w.size() - 1 - p.branch;
+            if (feed > 0) {
+                need += feed;
+                nseq += 1;
+            }
+        }
+        p.n_cells = need;
+        if (need > cell_budget || nseq > params_.n_seq_max - 1) {
+            throw error("item " + std::to_string(i) + " needs " + std::to_string(need + (int32_t) g) +
+                    " tokens of context, more than n_ctx " + std::to_string(params_.n_ctx) + " allows");
+        }
+        if (!group.empty() && (cells + need > cell_budget || seqs + nseq > params_.n_seq_max - 1)) {
+            run_group(group, (int32_t) g, opt);
+            group.clear();
+            cells = 0;
+            seqs = 0;
+        }
+        group.push_back(&p);
+        cells += need;
+        seqs  += nseq;
+    }
+    if (!group.empty()) {
+        run_group(group, (int32_t) g, opt);
+    }
+
+    return results;
+}
+
+void context::run_group(const std::vector<plan *> & group, int32_t g, const score_options & opt) {
+    llama_memory_t mem = llama_get_memory(ctx_);
+    const int32_t n_vocab = model_.info().n_vocab;
+
+    std::vector<std::string> stops;
+    for (const auto & s : opt.gen_stop) {
+        if (!s.empty()) {
+            stops.push_back(lower(s));
+        }
+    }
+
+    // the next-token distribution after the whole prompt: entropies and the first generated token
+    auto on_prompt_end = [&](plan & p, const float * x) {
+        const dist_stats st = full_stats(x, n_vocab);
+        p.out->entropy_full = st.entropy;
+
+        std::vector<llama_token> firsts;
+        for (const auto & w : p.whole) {
+            // on a token merge (b < |P|) the first choice token is not a continuation of the full prompt
+            if ((int32_t) w.size() > (int32_t) p.prompt.size() && common_prefix(p.prompt, w) == p.prompt.size()) {
+                firsts.push_back(w[p.prompt.size()]);
+            }
+        }
+        std::sort(firsts.begin(), firsts.end());
+        firsts.erase(std::unique(firsts.begin(), firsts.end()), firsts.end());
+        if (firsts.size() > 1) {
+            std::vector<float> sub;
+            for (llama_token t : firsts) {
+                sub.push_back(x[t]);
+            }
+            p.out->entropy_choices = full_stats(sub.data(), (int32_t) sub.size()).entropy;
+        }
+
+        if (opt.n_gen > 0) {
+            p.out->gen_tokens.push_back(st.argmax);
+            p.generating = true;
+        }
+    };
+
+    auto gen_done = [&](plan & p) {
+        const llama_token t = p.out->gen_tokens.back();
+        if (model_.is_eog(t)) {
+            return true;
+        }
+        p.out->gen_text += model_.token_to_piece(t);
+        if ((int32_t) p.out->gen_tokens.size() >= opt.n_gen) {
+            return true;
+        }
+        const std::string low = lower(p.out->gen_text);
+        for (const auto & s : stops) {
+            if (low.find(s) != std::string::npos) {
+                return true;
+            }
+        }
+        return false;
+    };
+
+    // sequence ids
+    llama_seq_id next_seq = 1;
+    for (plan * p : group) {
+        p->seq = next_seq++;
+        p->choice_seq.assign(p->whole.size(), -1);
+        for (size_t c = 0; c < p->whole.size(); ++c) {
+            if ((int32_t) p->whole[c].size() - 1 - p->branch > 0) {
+                p->choice_seq[c] = next_seq++;
+            }
+        }
+        if (g > 0) {
+            llama_memory_seq_cp(mem, 0, p->seq, 0, g);
+        }
+    }
+
+    // 1. each prompt up to the branch point; its last logits predict every choice's first token
+    {
+        std::vector<segment> segs;
+        for (plan * p : group) {
+            segment s;
+            s.seq    = p->seq;
+            s.pos0   = g;
+            s.tokens = p->prompt.data() + g;
+            s.n      = p->branch - g;
+            s.outputs = { s.n - 1 };
+            s.on_logits = [&, p](int32_t, const float * x) {
+                const double lse = log_sum_exp(x, n_vocab);
+                for (size_t c = 0; c < p->whole.size(); ++c) {
+                    const double lp = (double) x[p->whole[c][p->branch]] - lse;
+                    p->out->choice_logprob[c]       = lp;
+                    p->out->choice_first_logprob[c] = lp;
+                }
+                if (p->branch == (int32_t) p->prompt.size()) {
+                    on_prompt_end(*p, x);
+                }
+            };
+            segs.push_back(std::move(s));
+        }
+        decode_segments(segs);
+    }
+
+    // 2. the choices branch from the prompt (all but their last token are evaluated); on a token merge,
+    //    the rest of the prompt for the generation
+    {
+        std::vector<segment> segs;
+        for (plan * p : group) {
+            for (size_t c = 0; c < p->whole.size(); ++c) {
+                if (p->choice_seq[c] < 0) {
+                    continue;
+                }
+                llama_memory_seq_cp(mem, p->seq, p->choice_seq[c], 0, p->branch);
+                const auto & w = p->whole[c];
+                segment s;
+                s.seq    = p->choice_seq[c];
+                s.pos0   = p->branch;
+                s.tokens = w.data() + p->branch;
+                s.n      = (int32_t) w.size() - 1 - p->branch;
+                for (int32_t j = 0; j < s.n; ++j) {
+                    s.outputs.push_back(j);
+                }
+                s.on_logits = [&, p, c](int32_t j, const float * x) {
+                    const auto & wc = p->whole[c];
+                    const double lp = (double) x[wc[p->branch + j + 1]] - log_sum_exp(x, n_vocab);
+                    p->out->choice_logprob[c] += lp;
+                };
+                segs.push_back(std::move(s));
+            }
+            if (p->branch < (int32_t) p->prompt.size()) {
+                segment s;
+                s.seq    = p->seq;
+                s.pos0   = p->branch;
+                s.tokens = p->prompt.data() + p->branch;
+                s.n      = (int32_t) p->prompt.size() - p->branch;
+                s.outputs = { s.n - 1 };
+                s.on_logits = [&, p](int32_t, const float * x) { on_prompt_end(*p, x); };
+                segs.push_back(std::move(s));
+            }
+        }
+        decode_segments(segs);
+    }
+
+    // 3. greedy generation, one token per generating item per step
+    for (plan * p : group) {
+        if (p->generating && gen_done(*p)) {
+            p->generating = false;
+        }
+    }
+    while (true) {
+        std::vector<segment> segs;
+        for (plan * p : group) {
+            if (!p->generating) {
+                continue;
+            }
+            segment s;
+            s.seq    = p->seq;
+            s.pos0   = (llama_pos) (p->prompt.size() + p->out->gen_tokens.size() - 1);
+            s.tokens = &p->out->gen_tokens.back();
+            s.n      = 1;
+            s.outputs = { 0 };
+            s.on_logits = [&, p](int32_t, const float * x) {
+                llama_token am = 0;
+                for (int32_t t = 1; t < n_vocab; ++t) {
+                    if (x[t] > x[am]) {
+                        am = t;
+                    }
+                }
+                p->out->gen_tokens.push_back(am);
+            };
+            segs.push_back(std::move(s));
+        }
+        if (segs.empty()) {
+            break;
+        }
+        // the segments point into gen_tokens, which on_logits grows: copy the tokens first
+        std::vector<llama_token> toks(segs.size());
+        for (size_t k = 0; k < segs.size(); ++k) {
+            toks[k] = *segs[k].tokens;
+            segs[k].tokens = &toks[k];
+        }
+        decode_segments(segs);
+        for (plan * p : group) {
+            if (p->generating && gen_done(*p)) {
+                p->generating = false;
+            }
+        }
+    }
+
+    for (plan * p : group) {
+        llama_memory_seq_rm(mem, p->seq, -1, -1);
+        for (llama_seq_id s : p->choice_seq) {
+            if (s >= 0) {
+                llama_memory_seq_rm(mem, s, -1, -1);
+            }
+        }
+    }
+}
+
+} // namespace zt

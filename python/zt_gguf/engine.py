@@ -1,0 +1,164 @@
+"""The Python face of the scoring engine (zt_gguf._core): the only module that imports it.
+
+model = Model("model.gguf")
+ctx = Context(model, n_threads=2)
+ctx.set_bias(np.zeros((model.n_layer, model.n_head), np.float32))
+scores = ctx.score(items, n_gen=4)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from .tasks import Item
+
+EngineError = _core.EngineError
+
+
+@dataclass
+class Scores:
+    """Scores of one item: the choices' log-likelihoods, the greedy continuation and entropies."""
+
+    choice_logprob: np.ndarray  # float64 [n_choices], sum of log p(choice tokens | prompt)
+    choice_n_tokens: np.ndarray  # int32 [n_choices]
+    choice_first_logprob: np.ndarray  # float64 [n_choices], log p(first choice token | prompt)
+    entropy_full: float  # nats, next-token distribution after the prompt, full vocabulary
+    entropy_choices: float  # nats, the same renormalised over the choices' distinct first tokens
+    gen_text: str
+    gen_tokens: list[int] = field(default_factory=list)
+    n_prompt_tokens: int = 0
+
+
+class Model:
+    """A GGUF model loaded by the patched llama.cpp."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self._m = _core.Model(str(self.path))
+        except _core.EngineError as e:
+            raise EngineError(str(e)) from None
+        info = self._m.info
+        self.arch: str = info.arch
+        self.name: str = info.name
+        self.n_layer: int = info.n_layer
+        self.n_head: int = info.n_head
+        self.n_head_kv: int = info.n_head_kv
+        self.n_embd: int = info.n_embd
+        self.n_vocab: int = info.n_vocab
+        self.n_ctx_train: int = info.n_ctx_train
+        self.add_bos: bool = info.add_bos
+        self.bos: int = info.bos
+        self.eos: int = info.eos
+
+    @property
+    def bias_shape(self) -> tuple[int, int]:
+        return (self.n_layer, self.n_head)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokens of text; with add_special the model's own BOS rule applies."""
+        return self._m.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return self._m.detokenize(list(tokens))
+
+
+class Context:
+    """A llama.cpp context that scores items; its KV cache never outlives a bias change."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int = 2,
+        n_seq_max: int = 64,
+        flash_attn: bool | None = None,
+    ):
+        self.model = model
+        fa = -1 if flash_attn is None else int(bool(flash_attn))
+        try:
+            self._c = _core.Context(
+                model._m,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch,
+                n_threads=n_threads,
+                n_seq_max=n_seq_max,
+                flash_attn=fa,
+            )
+        except _core.EngineError as e:
+            raise EngineError(str(e)) from None
+
+    @property
+    def n_ctx(self) -> int:
+        return self._c.n_ctx
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return dict(self._c.stats)
+
+    def reset_stats(self) -> None:
+        self._c.reset_stats()
+
+    def set_bias(self, bias: np.ndarray | None) -> None:
+        """Set the first-token biases ([n_layer, n_head], logit units); None turns them off."""
+        if bias is None:
+            self._c.clear_bias()
+            return
+        bias = np.asarray(bias, dtype=np.float32)
+        if bias.shape != self.model.bias_shape:
+            raise ValueError(f"bias has shape {bias.shape}, the model needs {self.model.bias_shape}")
+        if not np.all(np.isfinite(bias)):
+            raise ValueError("bias has a non-finite value")
+        self._c.set_bias(np.ascontiguousarray(bias))
+
+    def get_bias(self) -> np.ndarray | None:
+        b = self._c.get_bias()
+        return None if b is None else np.asarray(b, dtype=np.float32).reshape(self.model.bias_shape)
+
+    def score(
+        self,
+        items: Sequence[Item],
+        *,
+        n_gen: int = 1,
+        gen_stop: Sequence[str] = (),
+        parse_special: bool = True,
+    ) -> list[Scores]:
+        """Score items (prompt + choices): one Scores per item, in order."""
+        prompts = [it.prompt for it in items]
+        choices = [list(it.choices) for it in items]
+        try:
+            raw = self._c.score(
+                prompts, choices, n_gen=n_gen, gen_stop=list(gen_stop), parse_special=parse_special
+            )
+        except _core.EngineError as e:
+            raise EngineError(str(e)) from None
+        return [
+            Scores(
+                choice_logprob=np.asarray(r.choice_logprob, dtype=np.float64),
+                choice_n_tokens=np.asarray(r.choice_n_tokens, dtype=np.int32),
+                choice_first_logprob=np.asarray(r.choice_first_logprob, dtype=np.float64),
+                entropy_full=r.entropy_full,
+                entropy_choices=r.entropy_choices,
+                gen_text=r.gen_text,
+                gen_tokens=list(r.gen_tokens),
+                n_prompt_tokens=r.n_prompt_tokens,
+            )
+            for r in raw
+        ]
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [n_tokens, n_vocab] of one sequence evaluated alone from an empty cache."""
+        try:
+            return self._c.logits(list(tokens))
+        except _core.EngineError as e:
+            raise EngineError(str(e)) from None

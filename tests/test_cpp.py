@@ -1,0 +1,35 @@
+"""The C++ tests built with the package.
+
+test-kv-bias checks the ggml kv bias against an independent double-precision reference, and the backend guard;
+test-backend-ops' kv-bias cases check the optimised CPU kernels (tiled and split-KV flash attention) against
+the CPU reference kernels.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from zt_gguf.tools import tool_path
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def test_kv_bias_against_reference() -> None:
+    res = _run([str(tool_path("test-kv-bias"))], timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    m = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
+    assert m and int(m.group(1)) >= 50 and m.group(2) == "0", res.stdout[-2000:]
+    assert "backend guard" in res.stdout
+
+
+def test_backend_ops_kv_bias_cases() -> None:
+    exe = str(tool_path("test-backend-ops"))
+    res = _run([exe, "test", "-b", "CPU", "-o", "SOFT_MAX,FLASH_ATTN_EXT", "-p", "kv_bias=1"], timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    m = re.search(r"(\d+)/(\d+) tests passed", res.stdout)
+    assert m, res.stdout[-2000:]
+    passed, total = int(m.group(1)), int(m.group(2))
+    assert passed == total and total >= 100, res.stdout[-2000:]
