@@ -689,14 +689,21 @@ def tools_cmd(name: str | None, args: tuple[str, ...], show_path: bool) -> None:
 
 
 def run() -> None:
+    """The console entry point: click's errors as one line, Ctrl-C as exit 130 with a hint."""
     try:
-        main(standalone_mode=True)
-    except KeyboardInterrupt:
+        rv = main.main(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo(
-            "zt-gguf: interrupted (an interrupted calibrate resumes when rerun with the same arguments)",
+            "zt-gguf: interrupted (calibrate resumes from its checkpoint when rerun with the same arguments)",
             err=True,
         )
         sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

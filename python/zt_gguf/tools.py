@@ -7,6 +7,7 @@ extension module. ``ZT_GGUF_BIN`` overrides the folder (for a build tree).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,7 +21,13 @@ class ToolError(RuntimeError):
 def bin_dir() -> Path:
     """The folder holding libllama.so and the llama tools."""
     override = os.environ.get("ZT_GGUF_BIN")
-    path = Path(override) if override else Path(__file__).resolve().parent / "bin"
+    if override:
+        path = Path(override)
+    else:
+        # next to the compiled extension (in an editable install the Python files live elsewhere)
+        spec = importlib.util.find_spec("zt_gguf._core")
+        base = Path(spec.origin).parent if spec and spec.origin else Path(__file__).resolve().parent
+        path = base / "bin"
     if not (path / "libllama.so").exists() and not (path / "libllama.dylib").exists():
         raise ToolError(f"{path}: no libllama here; reinstall zt-gguf (pip install .) or set ZT_GGUF_BIN")
     return path

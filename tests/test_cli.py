@@ -1,0 +1,256 @@
+"""The zt-gguf command line end to end: on a tiny generated model and on SmolLM2-135M with an SST-2 slice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from zt_gguf import cli, engine, gguf_meta, metrics, tasks
+from zt_gguf.testing import make_tiny_llama
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl"
+WORDS = "the a of and to in is it that was for on hello world cat dog sat mat one two three".split()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _task(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8)))) + " is"
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "choices": [" cat", " dog"],
+                        "answer": int(rng.integers(2)),
+                        "id": f"t{i}",
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("cli") / "tiny.gguf", n_layer=3, seed=11).path
+
+
+def test_help_has_examples() -> None:
+    for cmd in ("calibrate", "eval", "show", "apply", "strip", "demo", "tools"):
+        code, out, _ = _run(cmd, "--help")
+        assert code == 0 and "Example" in out, cmd
+
+
+def test_calibrate_writes_a_tuned_model_that_reproduces_the_report(tiny: Path, tmp_path: Path) -> None:
+    task = _task(tmp_path / "task.jsonl", 60)
+    out = tmp_path / "tuned.gguf"
+    before = _sha(tiny)
+    code, stdout, stderr = _run(
+        "calibrate",
+        str(tiny),
+        "--task",
+        str(task),
+        "-o",
+        str(out),
+        "--force",
+        "--scoring",
+        "choice",
+        "--objective",
+        "logprob",
+        "--threads",
+        "1",
+        "--grid-up",
+        "2,4",
+        "--grid-down",
+        "0.25,0.5",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, stderr
+    rep = json.loads(stdout)
+    assert _sha(tiny) == before  # the input is never modified
+    assert rep["task"]["n_calibration"] + rep["task"]["n_heldout"] == 60
+    assert Path(rep["report_files"]["heatmap"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    info = gguf_meta.read_model_info(out)
+    if rep["written"]["path"] is None:
+        pytest.skip(f"the search kept the baseline on this random model: {rep['written']['reason']}")
+    assert info.biases is not None and np.any(info.biases)
+    assert info.provenance["mode"] == "supervised"
+    assert info.provenance["task_sha256"] == _sha(task)
+
+    # the tuned file, loaded as it is, reproduces the reported held-out accuracy
+    items = tasks.load_task(task).items
+    _, held = tasks.split_items(items, rep["task"]["holdout"], rep["task"]["seed"])
+    ctx = engine.Context(engine.Model(out), n_threads=1)
+    results = metrics.item_results(ctx.score(held, n_gen=4), held)
+    summary = metrics.summarize(results, held)
+    assert summary.accuracy_choice == pytest.approx(rep["tuned"]["accuracy_choice"], abs=1e-9)
+
+    # show / strip / apply round trip
+    code, stdout, _ = _run("show", str(out), "--json")
+    assert code == 0 and np.allclose(json.loads(stdout)["biases"], info.biases)
+    code, _, _ = _run("strip", str(out), "-o", str(tmp_path / "stripped.gguf"))
+    assert code == 0 and _sha(tmp_path / "stripped.gguf") == before
+    code, _, _ = _run("apply", str(tiny), "--from", str(out), "-o", str(tmp_path / "applied.gguf"))
+    assert code == 0
+    np.testing.assert_array_equal(gguf_meta.read_model_info(tmp_path / "applied.gguf").biases, info.biases)
+
+
+def test_calibrate_resumes_after_an_interruption(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = _task(tmp_path / "task.jsonl", 40, seed=1)
+    args = [
+        "calibrate",
+        str(tiny),
+        "--task",
+        str(task),
+        "-o",
+        str(tmp_path / "t.gguf"),
+        "--threads",
+        "1",
+        "--scoring",
+        "choice",
+        "--objective",
+        "logprob",
+        "--grid-up",
+        "2",
+        "--grid-down",
+        "0.5",
+        "--json",
+        "--quiet",
+        "--force",
+        "--report",
+        str(tmp_path / "rep"),
+    ]
+    code, stdout, _ = _run(
+        *args, "--report", str(tmp_path / "straight"), "-o", str(tmp_path / "straight.gguf")
+    )
+    assert code == 0
+    straight = json.loads(stdout)
+
+    calls = {"n": 0}
+    real = engine.Context.score
+
+    def flaky(self: engine.Context, *a: object, **k: object) -> list[engine.Scores]:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine.Context, "score", flaky)
+    res = CliRunner().invoke(cli.main, args)  # click turns Ctrl-C into Abort (the entry point exits 130)
+    assert res.exit_code != 0 and calls["n"] == 6
+    assert (tmp_path / "rep" / "checkpoint.json").exists()
+    assert not (tmp_path / "t.gguf").exists()  # nothing half-written
+
+    calls["n"] = -(10**9)  # no more interruptions; count the calls of the resumed run
+    code, stdout, _ = _run(*args)
+    assert code == 0
+    resumed = json.loads(stdout)
+    assert resumed["chosen"] == straight["chosen"]
+    assert resumed["tuned"] == straight["tuned"]
+    assert calls["n"] + 10**9 < 40  # the completed candidates came from the checkpoint
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-model", "no such file"),
+        ("not-gguf", "GGUF"),
+        ("bad-line", ":3:"),
+        ("answer-range", "out of range"),
+        ("few-items", "at least 20"),
+        ("output-is-input", "overwrite the input"),
+    ],
+)
+def test_calibrate_errors_are_one_line(tiny: Path, tmp_path: Path, case: str, message: str) -> None:
+    model, task = tiny, _task(tmp_path / "task.jsonl", 30)
+    out = tmp_path / "out.gguf"
+    if case == "missing-model":
+        model = tmp_path / "nope.gguf"
+    elif case == "not-gguf":
+        model = tmp_path / "x.gguf"
+        model.write_text("not a model")
+    elif case == "bad-line":
+        lines = task.read_text().splitlines()
+        lines[2] = '{"prompt": "x", "choices": [" a", " b"], "answer": 0'
+        task.write_text("\n".join(lines) + "\n")
+    elif case == "answer-range":
+        task.write_text(json.dumps({"prompt": "x", "choices": [" a", " b"], "answer": 5}) + "\n")
+    elif case == "few-items":
+        task = _task(tmp_path / "small.jsonl", 10)
+    elif case == "output-is-input":
+        out = tiny
+    before = _sha(tiny)
+    code, stdout, stderr = _run("calibrate", str(model), "--task", str(task), "-o", str(out), "--quiet")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zt-gguf: error: ") and message in lines[0], stderr
+    assert "Traceback" not in stderr + stdout
+    assert _sha(tiny) == before
+    assert case == "output-is-input" or not out.exists()
+
+
+def test_eval_reports_both_scorings(tiny: Path, tmp_path: Path) -> None:
+    task = _task(tmp_path / "task.jsonl", 24)
+    code, stdout, _ = _run("eval", str(tiny), "--task", str(task), "--json", "--threads", "1")
+    assert code == 0
+    out = json.loads(stdout)
+    assert out["n"] == 24 and 0 <= out["accuracy_choice"] <= 1 and 0 <= out["invalid_rate"] <= 1
+    assert out["bias"] == "off" and out["items_per_s"] > 0
+
+
+def test_tools_path() -> None:
+    code, stdout, _ = _run("tools", "--path")
+    assert code == 0 and (Path(stdout.strip()) / "libllama.so").exists()
+
+
+@pytest.mark.skipif(not (DATA / "sst2.dev.jsonl").exists(), reason="../shared/data is not beside the repo")
+def test_calibrate_smollm2_on_an_sst2_slice(tmp_path: Path) -> None:
+    from zt_gguf import models
+
+    model = models.smollm2_135m()
+    task = tmp_path / "sst2.jsonl"
+    task.write_text("".join((DATA / "sst2.dev.jsonl").read_text().splitlines(keepends=True)[:40]))
+    code, stdout, stderr = _run(
+        "calibrate",
+        str(model),
+        "--task",
+        str(task),
+        "-o",
+        str(tmp_path / "s.gguf"),
+        "--n-gen",
+        "1",
+        "--grid-up",
+        "2",
+        "--grid-down",
+        "0.4",
+        "--head-fraction",
+        "0.4",
+        "--json",
+        "--quiet",
+        "--force",
+    )
+    assert code == 0, stderr
+    rep = json.loads(stdout)
+    assert rep["baseline"]["n"] == 12 and rep["tuned"]["n"] == 12
+    assert rep["evaluations"]["candidates"] >= 2 * 9 + 1  # baseline + two probes per head index
+    if rep["written"]["path"]:
+        assert gguf_meta.read_model_info(Path(rep["written"]["path"])).biases is not None
