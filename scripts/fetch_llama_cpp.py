@@ -67,9 +67,18 @@ def fetch_sdist() -> Path:
         # --no-build-isolation: pip must not build the sdist's build dependencies from source
         # (with --no-binary=:all: it would compile cmake) just to read its metadata
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-            "--no-build-isolation", "--disable-pip-version-check", "-q",
-            "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary=:all:",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            f"{SDIST_NAME}=={SDIST_VERSION}",
         ]
         print("fetch_llama_cpp: downloading", f"{SDIST_NAME}=={SDIST_VERSION}", flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,7 +101,7 @@ def unpack(sdist: Path, dest: Path) -> None:
             for m in tar.getmembers():
                 if not m.name.startswith(TREE_PREFIX) or not (m.isfile() or m.isdir() or m.issym()):
                     continue
-                m.name = m.name[len(TREE_PREFIX):]
+                m.name = m.name[len(TREE_PREFIX) :]
                 # the sdist's gitlink file points to a parent repository that is not there
                 if m.name in ("", ".git"):
                     continue
@@ -147,10 +156,18 @@ def prepare(tree: Path, patches: list[Path]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dest", type=Path, default=REPO / "third_party" / "llama.cpp",
-                    help="where the patched tree goes (default: third_party/llama.cpp)")
-    ap.add_argument("--stock", type=Path, metavar="DIR",
-                    help="unpack an unpatched tree into DIR instead (for side-by-side benchmarks)")
+    ap.add_argument(
+        "--dest",
+        type=Path,
+        default=REPO / "third_party" / "llama.cpp",
+        help="where the patched tree goes (default: third_party/llama.cpp)",
+    )
+    ap.add_argument(
+        "--stock",
+        type=Path,
+        metavar="DIR",
+        help="unpack an unpatched tree into DIR instead (for side-by-side benchmarks)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.stock:
