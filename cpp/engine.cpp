@@ -260,8 +260,11 @@ context::context(model & m, const context_params & params) : model_(m), params_(
     if (!ctx_) {
         throw error("cannot create a llama.cpp context (n_ctx " + std::to_string(params.n_ctx) + ")");
     }
+    // llama.cpp may adjust them (n_batch <= n_ctx, n_ctx padded)
     params_.n_seq_max = (int32_t) llama_n_seq_max(ctx_);
     params_.n_ctx     = (int32_t) llama_n_ctx(ctx_);
+    params_.n_batch   = (int32_t) llama_n_batch(ctx_);
+    params_.n_ubatch  = (int32_t) llama_n_ubatch(ctx_);
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
 }
 
@@ -430,6 +433,16 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
         for (size_t c = 0; c < p.whole.size(); ++c) {
             if ((int32_t) p.whole[c].size() <= p.branch) {
                 throw error("item " + std::to_string(i) + ": choice " + std::to_string(c) + " adds no token to the prompt");
+            }
+        }
+        {
+            int32_t need = (int32_t) p.prompt.size() + std::max(0, opt.n_gen - 1);
+            for (const auto & w : p.whole) {
+                need += std::max(0, (int32_t) w.size() - 1 - p.branch);
+            }
+            if (need > params_.n_ctx) {
+                throw error("item " + std::to_string(i) + " needs " + std::to_string(need) +
+                        " tokens of context, more than n_ctx " + std::to_string(params_.n_ctx));
             }
         }
         p.out->n_prompt_tokens = (int32_t) p.prompt.size();
