@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "jsonl"
 
 # the paper's SST-2 configuration (zerotuning-method.md section 3): instruction1 + template + instruction2
-PAPER_SST2 = "Classify the sentence into one of the following categories: positive or negative.\nSentence: {text}\nAnswer:"
+PAPER_SST2 = (
+    "Classify the sentence into one of the following categories: positive or negative.\nSentence: {text}\nAnswer:"
+)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -45,7 +47,8 @@ for i in range(0, len(items), 64):
     ctx.score(items[i:i + 64], n_gen=1)
 wall = time.perf_counter() - t0
 s = ctx.stats
-print(json.dumps({"wall_s": wall, **s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall_s": wall, **s, "peak_rss_mb": rss}))
 """
 
 
@@ -67,8 +70,25 @@ def load_items(name: str, n: int) -> list[dict]:
 def llama_bench_pp(model: Path, threads: int) -> float:
     from zt_gguf.tools import tool_path
 
-    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", "512", "-n", "0", "-b", "512", "-ub", "512",
-           "-r", "2", "-t", str(threads), "-o", "json"]
+    cmd = [
+        str(tool_path("llama-bench")),
+        "-m",
+        str(model),
+        "-p",
+        "512",
+        "-n",
+        "0",
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "-r",
+        "2",
+        "-t",
+        str(threads),
+        "-o",
+        "json",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
     return float(json.loads(res.stdout)[0]["avg_ts"])
 
@@ -89,19 +109,42 @@ def main() -> int:
             pp = llama_bench_pp(model, args.threads)
             items = load_items(task, args.items if task != "arc-easy" else args.items // 2)
             cfg = {"model": str(model), "threads": args.threads, "items": items}
-            res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                                 check=True, timeout=1800)
+            res = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
+            )
             r = json.loads(res.stdout.strip().splitlines()[-1])
             raw = r["n_decoded"] / r["t_decode_s"]
             eff = r["n_item_tokens"] / r["wall_s"]
-            row = {"model": model_name, "task": task, "n_items": len(items), "llama_bench_pp512_ts": pp,
-                   "raw_ts": raw, "effective_ts": eff, "raw_vs_pp": raw / pp, "effective_vs_pp": eff / pp,
-                   "decoded_share": r["n_decoded"] / r["n_item_tokens"], **r}
+            row = {
+                "model": model_name,
+                "task": task,
+                "n_items": len(items),
+                "llama_bench_pp512_ts": pp,
+                "raw_ts": raw,
+                "effective_ts": eff,
+                "raw_vs_pp": raw / pp,
+                "effective_vs_pp": eff / pp,
+                "decoded_share": r["n_decoded"] / r["n_item_tokens"],
+                **r,
+            }
             rows.append(row)
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            print(
+                json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                flush=True,
+            )
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.machine(),
+    )
     record = {
         "command": " ".join(sys.argv),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()},

@@ -35,23 +35,53 @@ STOCK_BUILD = REPO / "build" / "stock"
 
 
 def machine() -> dict[str, object]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
 
 
 def build_stock() -> Path:
     exe = STOCK_BUILD / "bin" / "llama-bench"
     if exe.exists():
         return exe
-    subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_llama_cpp.py"), "--stock", str(STOCK_SRC)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fetch_llama_cpp.py"), "--stock", str(STOCK_SRC)], check=True
+    )
     flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as in our CMakeLists (AMX crashes on these VMs)
-    subprocess.run(["cmake", "-S", str(STOCK_SRC), "-B", str(STOCK_BUILD), "-G", "Ninja",
-                    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
-                    "-DLLAMA_OPENSSL=OFF", f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}",
-                    "-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"], check=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(STOCK_SRC),
+            "-B",
+            str(STOCK_BUILD),
+            "-G",
+            "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            f"-DCMAKE_C_FLAGS={flags}",
+            f"-DCMAKE_CXX_FLAGS={flags}",
+            "-DCMAKE_C_COMPILER_LAUNCHER=ccache",
+            "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
+        ],
+        check=True,
+    )
     subprocess.run(["cmake", "--build", str(STOCK_BUILD), "-j2", "--target", "llama-bench"], check=True)
     return exe
 
@@ -64,8 +94,23 @@ def full_bias(path: Path, out: Path) -> Path:
 
 
 def bench(exe: Path, model: Path, fa: int, threads: int) -> dict[str, float]:
-    cmd = [str(exe), "-m", str(model), "-p", "128", "-n", "32", "-r", "1", "-t", str(threads), "-fa", str(fa),
-           "-o", "json"]
+    cmd = [
+        str(exe),
+        "-m",
+        str(model),
+        "-p",
+        "128",
+        "-n",
+        "32",
+        "-r",
+        "1",
+        "-t",
+        str(threads),
+        "-fa",
+        str(fa),
+        "-o",
+        "json",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     rows = json.loads(res.stdout)
     out = {}
