@@ -29,7 +29,8 @@ DATA = REPO.parent / "shared" / "data" / "jsonl"
 
 # the paper's SST-2 configuration (zerotuning-method.md section 3): instruction1 + template + instruction2
 PAPER_SST2 = (
-    "Classify the sentence into one of the following categories: positive or negative.\nSentence: {text}\nAnswer:"
+    "Classify the sentence into one of the following categories: positive or negative.\n"
+    "Sentence: {text}\nAnswer:"
 )
 
 CHILD = r"""
