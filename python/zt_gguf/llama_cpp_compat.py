@@ -140,7 +140,8 @@ def n_attn_ftb(llm: Llama) -> int:
 
 
 def set_first_token_bias(llm: Llama, bias: Any | None, *, check: bool = True) -> int:
-    """Set the first-token bias of llm's context (flattened layer-major, logit units); None turns it off.
+    """Set the first-token bias of llm's context ([n_layer, n_head] or flat layer-major, logit units); None
+    turns it off.
 
     Returns llama_set_attn_ftb's code: 0, -1 (wrong length) or -2 (a non-finite value); with check (the
     default) a non-zero code raises AttnFtbError instead. On error the current bias is unchanged. On success
@@ -157,7 +158,14 @@ def set_first_token_bias(llm: Llama, bias: Any | None, *, check: bool = True) ->
         code = int(fn(ctx, None, 0))
     else:
         with np.errstate(over="ignore"):
-            values = np.ascontiguousarray(np.asarray(bias, dtype=np.float32).reshape(-1))
+            arr = np.asarray(bias, dtype=np.float32)
+        n = n_attn_ftb(llm)
+        n_layer = _n_layer(llm)
+        if arr.ndim == 2 and arr.size == n and n_layer > 0 and arr.shape != (n_layer, n // n_layer):
+            raise ValueError(
+                f"bias has shape {arr.shape}, the model needs (n_layer, n_head) = ({n_layer}, {n // n_layer})"
+            )
+        values = np.ascontiguousarray(arr.reshape(-1))
         code = int(fn(ctx, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size))
     if code != FTB_OK:
         if check:
@@ -180,7 +188,11 @@ def get_first_token_bias(llm: Llama) -> np.ndarray | None:
     if got == 0:
         return None
     values = np.frombuffer(out, dtype=np.float32, count=min(got, n)).copy()
-    n_layer = int(import_llama_cpp().llama_model_n_layer(llm._model.model))
+    n_layer = _n_layer(llm)
     if n_layer > 0 and values.size % n_layer == 0:
         return values.reshape(n_layer, values.size // n_layer)
     return values
+
+
+def _n_layer(llm: Llama) -> int:
+    return int(import_llama_cpp().llama_model_n_layer(llm._model.model))
