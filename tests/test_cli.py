@@ -11,10 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from zt_gguf import cli, engine, gguf_meta, metrics, tasks
-from zt_gguf.testing import make_tiny_llama
+from zt_gguf.testing import make_tiny_llama, write_tiny_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl"
-WORDS = "the a of and to in is it that was for on hello world cat dog sat mat one two three".split()
 
 
 def _sha(path: Path) -> str:
@@ -22,22 +21,7 @@ def _sha(path: Path) -> str:
 
 
 def _task(path: Path, n: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8)))) + " is"
-            f.write(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "choices": [" cat", " dog"],
-                        "answer": int(rng.integers(2)),
-                        "id": f"t{i}",
-                    }
-                )
-                + "\n"
-            )
-    return path
+    return write_tiny_task(path, n, seed=seed)
 
 
 def _run(*args: str) -> tuple[int, str, str]:

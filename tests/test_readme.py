@@ -8,7 +8,6 @@ The set-up commands (`pip install ...`, `bash scripts/test.sh`) are what CI runs
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shlex
@@ -23,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zt_gguf.testing import make_tiny_llama
+from zt_gguf.testing import make_tiny_llama, write_tiny_task
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-WORDS = "the a of and to in is it that was for on hello world cat dog sat mat one two three".split()
 
 
 def _blocks(lang: str) -> list[str]:
@@ -55,14 +53,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = make_tiny_llama(d / "model.gguf", n_layer=3, seed=21).path
     for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
         shutil.copy(model, d / name)
-    rng = np.random.default_rng(5)
-    for name, n in (("data.jsonl", 40), ("test.jsonl", 20)):
-        with (d / name).open("w") as f:
-            for i in range(n):
-                prompt = " ".join(rng.choice(WORDS, size=5)) + " is"
-                f.write(
-                    json.dumps({"prompt": prompt, "choices": [" cat", " dog"], "answer": int(i % 2)}) + "\n"
-                )
+    write_tiny_task(d / "data.jsonl", 40, seed=5, balanced=True)
+    write_tiny_task(d / "test.jsonl", 20, seed=6, balanced=True)
     # the tuned model the README's later commands use
     res = subprocess.run(
         [

@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import os
-import secrets
 import struct
 import sys
 import zlib
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .fsutil import atomic_write_bytes
 
 __all__ = [
     "GAMMA_FLOOR",
@@ -392,25 +392,6 @@ def _encode_png(img: np.ndarray) -> bytes:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path through a temporary file in the same folder + os.replace; on failure the temporary
-    file is removed and path is left as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def heatmap_png(path: str | os.PathLike[str], biases: np.ndarray, *, title: str = "", cell: int = 24) -> Path:
     """Write an RGB PNG heat map of ln(gamma) = biases [n_layer, n_head] to path (atomically); returns path.
 
@@ -420,7 +401,7 @@ def heatmap_png(path: str | os.PathLike[str], biases: np.ndarray, *, title: str 
     """
     b = _as_matrix(biases)
     out = Path(path)
-    _atomic_write(out, _encode_png(_render(b, title, cell)))
+    atomic_write_bytes(out, _encode_png(_render(b, title, cell)))
     return out
 
 
@@ -588,7 +569,7 @@ def write_report(
     data["biases"] = to_jsonable(b)
     text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False) + "\n"
     report_path = out / "report.json"
-    _atomic_write(report_path, text.encode("utf-8"))
+    atomic_write_bytes(report_path, text.encode("utf-8"))
     if title is None:
         name = Path(str(report.model.get("path") or "")).name or str(report.model.get("arch") or "")
         title = f"{name}  first-token gamma" if name else "first-token gamma"

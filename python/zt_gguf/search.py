@@ -60,7 +60,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .fsutil import atomic_write_bytes
 from .metrics import Objective, get_objective, item_results, summarize
 from .tasks import Item
 
@@ -289,20 +289,7 @@ class SearchState:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state atomically (a temporary file in the same directory, then os.replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_bytes(path, self.to_json().encode("utf-8"))
 
 
 # --- the real scorer ----------------------------------------------------------------------------------------

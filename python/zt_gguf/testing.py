@@ -577,3 +577,19 @@ def reference_logits(
     if hp.final_logit_softcap:
         logits = hp.final_logit_softcap * np.tanh(logits / hp.final_logit_softcap)
     return logits
+
+
+def write_tiny_task(path: str | Path, n: int, *, seed: int = 0, balanced: bool = False) -> Path:
+    """A JSONL task of n items whose prompts use the tiny vocabulary's words, choices " cat" / " dog"."""
+    import json
+
+    words = [w.lstrip("▁") for w in _WORD_PIECES]
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choice(words, size=int(rng.integers(3, 8)))) + " is"
+            answer = i % 2 if balanced else int(rng.integers(2))
+            item = {"prompt": prompt, "choices": [" cat", " dog"], "answer": answer, "id": f"t{i}"}
+            f.write(json.dumps(item) + "\n")
+    return path
