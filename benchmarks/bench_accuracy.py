@@ -9,8 +9,8 @@ Each run is `zt-gguf calibrate --search paper --holdout 0.4 --force` on the firs
 intervals, the chosen heads and gamma, the invalid-output rate, calibration size and time) are appended to
 benchmarks/results/accuracy.jsonl, one line per run, and tabulated in benchmarks/results/accuracy.md.
 Modes: choice = supervised, objective logprob, scoring choice; generate = supervised, accuracy of the first
-label in a 4-token greedy continuation; unsup-mi / unsup-entropy = unsupervised (the labels are used only on the
-held-out part) with the mutual-information or the paper's full-vocabulary entropy objective.
+label in a 4-token greedy continuation; unsup-mi / unsup-entropy = unsupervised (the labels are used only on
+the held-out part) with the mutual-information or the paper's full-vocabulary entropy objective.
 """
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ def table(rows: list[dict]) -> str:
 
         c = r["chosen"]
         chosen = "none" if c["type"] == "none" else f"{c['type']} H{c['heads']} g={c['gamma']:.2f}"
-        lines.append(
-            f"| {r['model']} | {r['task']} | {r['mode']} | {r['n_cal']}/{r['n_held']} | {pct(b, 'accuracy_choice')} "
-            f"| {pct(t, 'accuracy_choice')} | {pct(b, 'accuracy_generate')} ({100 * b['invalid_rate']:.0f}%) "
-            f"| {pct(t, 'accuracy_generate')} ({100 * t['invalid_rate']:.0f}%) | {chosen} | {r['seconds']:.0f} s |"
-        )
+        cells = [
+            r["model"], r["task"], r["mode"], f"{r['n_cal']}/{r['n_held']}",
+            pct(b, "accuracy_choice"), pct(t, "accuracy_choice"),
+            f"{pct(b, 'accuracy_generate')} ({100 * b['invalid_rate']:.0f}%)",
+            f"{pct(t, 'accuracy_generate')} ({100 * t['invalid_rate']:.0f}%)",
+            chosen, f"{r['seconds']:.0f} s",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
