@@ -255,6 +255,10 @@ context::context(model & m, const context_params & params) : model_(m), params_(
     cp.kv_unified      = true; // sequences share the cells of a common prefix (seq_cp)
     cp.swa_full        = true; // shared prefixes must not be pruned from the sliding-window cache
     cp.no_perf         = true;
+    if (params.kv_f32) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
 
     ctx_ = llama_init_from_model(m.get(), cp);
     if (!ctx_) {

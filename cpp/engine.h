@@ -66,6 +66,7 @@ struct context_params {
     int32_t n_threads  = 2;
     int32_t n_seq_max  = 64;
     int32_t flash_attn = -1;   // -1 auto, 0 off, 1 on
+    bool    kv_f32     = false; // F32 instead of F16 K/V cache (exact reference comparisons)
 };
 
 struct score_item {

@@ -82,6 +82,7 @@ class Context:
         n_threads: int = 2,
         n_seq_max: int = 64,
         flash_attn: bool | None = None,
+        kv_f32: bool = False,
     ):
         self.model = model
         fa = -1 if flash_attn is None else int(bool(flash_attn))
@@ -94,6 +95,7 @@ class Context:
                 n_threads=n_threads,
                 n_seq_max=n_seq_max,
                 flash_attn=fa,
+                kv_f32=kv_f32,
             )
         except _core.EngineError as e:
             raise EngineError(str(e)) from None
