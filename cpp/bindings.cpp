@@ -71,7 +71,7 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<zt::context>(m, "Context")
         .def(py::init([](zt::model & model, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_threads,
-                         int32_t n_seq_max, int32_t flash_attn, bool kv_f32) {
+                         int32_t n_seq_max, int32_t flash_attn, bool kv_f32, int32_t n_outputs_max) {
                  zt::context_params p;
                  p.n_ctx      = n_ctx;
                  p.n_batch    = n_batch;
@@ -80,11 +80,13 @@ PYBIND11_MODULE(_core, m) {
                  p.n_seq_max  = n_seq_max;
                  p.flash_attn = flash_attn;
                  p.kv_f32     = kv_f32;
+                 p.n_outputs_max = n_outputs_max;
                  py::gil_scoped_release release;
                  return new zt::context(model, p);
              }),
              py::arg("model"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
              py::arg("n_threads") = 2, py::arg("n_seq_max") = 64, py::arg("flash_attn") = -1, py::arg("kv_f32") = false,
+             py::arg("n_outputs_max") = 0,
              py::keep_alive<1, 2>())
         .def_property_readonly("n_ctx", [](const zt::context & c) { return c.params().n_ctx; })
         .def_property_readonly("n_batch", [](const zt::context & c) { return c.params().n_batch; })

@@ -270,6 +270,8 @@ context::context(model & m, const context_params & params) : model_(m), params_(
     params_.n_batch   = (int32_t) llama_n_batch(ctx_);
     params_.n_ubatch  = (int32_t) llama_n_ubatch(ctx_);
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    max_outputs_ = params.n_outputs_max > 0 ? params.n_outputs_max :
+        std::max<int32_t>(16, std::min<int32_t>(params_.n_batch, (int32_t) ((256u << 20) / (4u*(uint32_t) m.info().n_vocab))));
 }
 
 context::~context() {
@@ -319,9 +321,17 @@ void context::decode_segments(std::vector<segment> & segs) {
     while (si < segs.size()) {
         batch_.n_tokens = 0;
         outs.clear();
-        while (si < segs.size() && batch_.n_tokens < params_.n_batch) {
+        while (si < segs.size() && batch_.n_tokens < params_.n_batch && (int32_t) outs.size() < max_outputs_) {
             segment & s = segs[si];
-            const int32_t take = std::min(s.n - off, params_.n_batch - batch_.n_tokens);
+            int32_t take = std::min(s.n - off, params_.n_batch - batch_.n_tokens);
+            // cap the logits of one decode (n_outputs x n_vocab floats: 1 GiB for 1000 outputs of a 262k vocab)
+            {
+                auto first = std::lower_bound(s.outputs.begin(), s.outputs.end(), off);
+                const int32_t room = max_outputs_ - (int32_t) outs.size();
+                if (s.outputs.end() - first > room) {
+                    take = std::min(take, *(first + room) - off);
+                }
+            }
             auto it = std::lower_bound(s.outputs.begin(), s.outputs.end(), off);
             for (int32_t j = off; j < off + take; ++j) {
                 const int32_t k = batch_.n_tokens++;
@@ -453,10 +463,10 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
         p.out->choice_logprob.assign(it.choices.size(), 0.0);
         p.out->choice_first_logprob.assign(it.choices.size(), 0.0);
         p.out->choice_n_tokens.resize(it.choices.size());
-        stats_.n_item_tokens += (int64_t) p.prompt.size();
         for (size_t c = 0; c < p.whole.size(); ++c) {
             p.out->choice_n_tokens[c] = (int32_t) p.whole[c].size() - p.branch;
-            stats_.n_item_tokens += (int64_t) p.whole[c].size() - (int64_t) p.prompt.size();
+            // a plain scorer evaluates the prompt and the choice for every choice
+            stats_.n_item_tokens += (int64_t) p.whole[c].size();
         }
     }
 

@@ -67,6 +67,7 @@ struct context_params {
     int32_t n_seq_max  = 64;
     int32_t flash_attn = -1;   // -1 auto, 0 off, 1 on
     bool    kv_f32     = false; // F32 instead of F16 K/V cache (exact reference comparisons)
+    int32_t n_outputs_max = 0;  // logits per llama_decode at most; 0: 256 MiB worth of them
 };
 
 struct score_item {
@@ -135,6 +136,7 @@ private:
     llama_context * ctx_ = nullptr;
     context_params params_;
     llama_batch batch_{};
+    int32_t max_outputs_ = 64; // logits computed by one llama_decode at most (bounds the output buffer)
     score_stats stats_;
 
     // decoded tokens of seq 0 (the prefix shared by the current call), kept across groups

@@ -83,6 +83,7 @@ class Context:
         n_seq_max: int = 64,
         flash_attn: bool | None = None,
         kv_f32: bool = False,
+        n_outputs_max: int = 0,
     ):
         self.model = model
         fa = -1 if flash_attn is None else int(bool(flash_attn))
@@ -96,6 +97,7 @@ class Context:
                 n_seq_max=n_seq_max,
                 flash_attn=fa,
                 kv_f32=kv_f32,
+                n_outputs_max=n_outputs_max,
             )
         except _core.EngineError as e:
             raise EngineError(str(e)) from None
