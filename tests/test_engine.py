@@ -90,7 +90,14 @@ def test_batched_scores_equal_single_sequence_decodes(tiny: Path, flash_attn: bo
     # n_seq_max 16 and n_ctx 256 force several groups
     # n_outputs_max 5: a decode stops adding tokens once it holds 5 positions whose logits are read
     ctx = Context(
-        model, n_ctx=256, n_batch=64, n_ubatch=32, n_seq_max=16, flash_attn=flash_attn, n_threads=1, n_outputs_max=5
+        model,
+        n_ctx=256,
+        n_batch=64,
+        n_ubatch=32,
+        n_seq_max=16,
+        flash_attn=flash_attn,
+        n_threads=1,
+        n_outputs_max=5,
     )
     alone = Context(model, n_ctx=256, n_seq_max=2, flash_attn=flash_attn, n_threads=1)
     ctx.set_bias(bias)

@@ -40,6 +40,10 @@
 //      hparams.n_head(il) values while the graph's attention has n_head(0) heads, and
 //      ggml_soft_max_add_kv_bias / ggml_flash_attn_ext_add_kv_bias abort on GGML_ASSERT(bias->ne[0] == ...).
 //      Stock llama.cpp runs the same file.
+//   U1 (upstream ggml, UBSan) gguf.cpp loads a key/value's type byte into `enum gguf_type` before checking it:
+//      "load of value N, which is not a valid value for type 'gguf_type'"; suppressed by cpp/fuzz/ubsan.supp.
+//   U2 (upstream llama.cpp, UBSan) general.file_type is loaded into `enum llama_ftype` unchecked
+//      (llama-model-loader.cpp print_info, llama-model.cpp): not flipped here.
 //
 // Seeds: the environment variable ZT_FUZZ_SEEDS (paths separated by ':'); ZT_FUZZ_WORK: a folder for the
 // files when memfd_create is unavailable. The driver (fuzz_driver.cpp) sets both; with libFuzzer set them
@@ -210,7 +214,8 @@ struct seed_model {
     std::string arch;
     uint32_t n_layer = 0;
     // byte ranges byte flips go to: the header and every key/value but the tokenizer's (flipping the
-    // vocabulary reaches upstream asserts of the tokenizer, e.g. duplicate tokens, not the bias)
+    // vocabulary reaches upstream asserts of the tokenizer, e.g. duplicate tokens, not the bias) and
+    // general.file_type (U2)
     std::vector<std::pair<size_t, size_t>> flip_ranges;
     size_t flip_bytes = 0;
 };
@@ -247,7 +252,8 @@ std::vector<std::pair<size_t, size_t>> flip_ranges_of(const std::vector<uint8_t>
         } else {
             skip(type);
         }
-        if (key.rfind("tokenizer.", 0) != 0) {
+        // not general.file_type either: upstream reads it into `enum llama_ftype` unchecked (finding U2)
+        if (key.rfind("tokenizer.", 0) != 0 && key != "general.file_type") {
             out.emplace_back(start, off);
         }
     }

@@ -50,7 +50,8 @@ def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], Non
         for b in bars.values():
             b.close()
         bars.clear()
-        bar = tqdm(total=total, desc=f"{stage:>9}", unit="it", leave=False, dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log or a pipe gets the error lines only)
+        bar = tqdm(total=total, desc=f"{stage:>9}", unit="it", leave=False, dynamic_ncols=True, disable=None)
         bars[stage] = bar
 
         def update(done: int) -> None:
@@ -561,7 +562,10 @@ def apply_cmd(model: Path, source: Path, output: Path) -> None:
         biases = gguf_meta.read_bias_file(source, info)
         prov: dict[str, Any] = {}
         if source.suffix == ".gguf":
-            prov = dict(gguf_meta.read_model_info(source).provenance)
+            try:
+                prov = dict(gguf_meta.read_model_info(source).provenance)
+            except gguf_meta.GGUFMetaError:
+                prov = {}  # a bias-only GGUF (no model hyperparameters): its biases were read above
         prov["applied_from"] = source.name
         gguf_meta.write_tuned(model, output, biases, prov)
     except (gguf_meta.GGUFMetaError, ValueError, OSError) as e:

@@ -9,6 +9,7 @@ scores = ctx.score(items, n_gen=4)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,14 @@ class Model:
 
     def detokenize(self, tokens: Iterable[int]) -> str:
         return self._m.detokenize(list(tokens))
+
+
+def _locate(message: str, items: Sequence[Item]) -> str:
+    """The engine's "item I ..." message with item I's FILE:LINE instead of its index in this call."""
+    m = re.match(r"item (\d+)\b:? ?(.*)", message, re.S)
+    if m and int(m.group(1)) < len(items) and items[int(m.group(1))].where:
+        return f"{items[int(m.group(1))].where}: the item {m.group(2)}"
+    return message
 
 
 class Context:
@@ -145,7 +154,7 @@ class Context:
                 prompts, choices, n_gen=n_gen, gen_stop=list(gen_stop), parse_special=parse_special
             )
         except _core.EngineError as e:
-            raise EngineError(str(e)) from None
+            raise EngineError(_locate(str(e), items)) from None
         return [
             Scores(
                 choice_logprob=np.asarray(r.choice_logprob, dtype=np.float64),

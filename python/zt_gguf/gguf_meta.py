@@ -46,6 +46,8 @@ from gguf import (
     GGUFWriter,
 )
 
+from . import fsutil
+
 __all__ = [
     "BIAS_KEY_SUFFIX",
     "PROVENANCE_PREFIX",
@@ -72,6 +74,8 @@ MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
 # a JSON bias file larger than this is not one (80 layers x 128 heads of numbers is ~200 KiB)
 MAX_BIAS_JSON_BYTES = 64 * 2**20
 COPY_CHUNK_BYTES = 16 * 2**20
+# llama.cpp's LLAMA_MAX_LAYERS: it aborts on a larger {arch}.block_count
+MAX_LAYERS = 512
 # string arrays longer than this (vocabularies, merges) are skipped, not decoded
 MAX_DECODED_STRING_ARRAY = 1024
 
@@ -535,8 +539,9 @@ def _model_info(layout: _Layout) -> ModelInfo:
     path, kvs = layout.path, layout.kvs
     arch = _get_str(layout, KEY_ARCH)
     n_layer = _get_int(layout, f"{arch}.block_count")
-    if n_layer < 1:
-        raise GGUFMetaError(f"{path}: key {arch}.block_count is {n_layer}, expected at least 1")
+    if not 1 <= n_layer <= MAX_LAYERS:
+        # llama.cpp aborts the process (GGML_ASSERT) on these instead of refusing the model
+        raise GGUFMetaError(f"{path}: key {arch}.block_count is {n_layer}, expected 1 to {MAX_LAYERS}")
     head_key = f"{arch}.attention.head_count"
     # llama.cpp: a missing head count is 0 (models without attention)
     heads = _get_per_layer(layout, head_key, n_layer) if head_key in kvs else [0] * n_layer
@@ -831,24 +836,31 @@ def _atomic_write(dst: Path, write: Callable[[Path], None], mode_from: Path | No
         raise GGUFMetaError(f"{dst}: is a directory")
     if not parent.is_dir():
         raise GGUFMetaError(f"{dst}: the directory {parent} does not exist")
+    # an unnamed file where possible (Linux): a kill -9 while writing leaves no temporary file behind
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+        ufd = fsutil.open_unnamed(parent)
+        if ufd is None:
+            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
     except OSError as e:
         raise GGUFMetaError(f"{dst}: cannot create a file in {parent}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(name)
+    tmp = Path(f"/proc/self/fd/{ufd}") if ufd is not None else Path(name)
     try:
         write(tmp)
         if mode_from is not None:
             shutil.copymode(mode_from, tmp)
         else:
             os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, dst)
+        if ufd is not None:
+            fsutil.publish(ufd, dst)
+        else:
+            os.replace(tmp, dst)
     except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        if ufd is None:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
         if isinstance(e, GGUFMetaError):
             raise
         if isinstance(e, KeyboardInterrupt):
@@ -860,3 +872,6 @@ def _atomic_write(dst: Path, write: Callable[[Path], None], mode_from: Path | No
         if isinstance(e, Exception):
             raise GGUFMetaError(f"{dst}: write failed: {type(e).__name__}: {_one_line(e)}") from e
         raise  # SystemExit and the like
+    finally:
+        if ufd is not None:
+            os.close(ufd)

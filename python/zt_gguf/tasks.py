@@ -18,6 +18,7 @@ Every problem raises TaskError with a one-line message "FILE:LINE: what is wrong
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ class Item:
     choices: tuple[str, ...]
     answer: int | None
     id: str
+    where: str = dataclasses.field(default="", compare=False)  # "FILE:LINE" of a loaded item (for errors)
 
 
 @dataclass
@@ -376,7 +378,8 @@ class _Reader:
             _check_encodable(prompt, "the templated prompt", fail)
             choices = self.label_words
             answer = self._label(obj.get("label"), fail)
-        return Item(prompt=prompt, choices=choices, answer=answer, id=self._id(obj, lineno, fail))
+        item_id = self._id(obj, lineno, fail)
+        return Item(prompt=prompt, choices=choices, answer=answer, id=item_id, where=f"{self.path}:{lineno}")
 
     def _header(self, obj: dict[str, Any], lineno: int, fail: Fail) -> None:
         others = sorted(set(obj) - {HEADER_KEY})
