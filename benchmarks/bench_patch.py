@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
-
+# the installed package (a source checkout on sys.path would not find the built libraries and tools)
 from zt_gguf import gguf_meta, models  # noqa: E402
 from zt_gguf.tools import tool_path  # noqa: E402
 
