@@ -166,8 +166,8 @@ rec = {
         "K2": "upstream: llama-arch file with unequal per-layer head_count_kv -> GGML_ASSERT in ggml_set_rows "
         "at context creation (stock too); not generated",
         "K3": "upstream: two equal token strings -> GGML_ASSERT in llama_vocab load (stock too); not generated",
-        "K4": "our patch 0002: llama-arch file with unequal per-layer head_count and a bias on -> "
-        "GGML_ASSERT(bias->ne[0] == a->src[0]->ne[2]) in ggml_soft_max_add_kv_bias; stock runs the file",
+        "K4": "fixed in our patch 0002 (the bias view's length is taken from Q): llama-arch file with unequal "
+        "per-layer head_count and a bias on aborted in ggml_soft_max_add_kv_bias",
         "U1": "upstream ggml gguf.cpp: out-of-range type byte loaded into enum gguf_type (UBSan), "
         "suppressed by cpp/fuzz/ubsan.supp",
         "U2": "upstream llama.cpp: general.file_type loaded into enum llama_ftype unchecked (UBSan); not flipped",
