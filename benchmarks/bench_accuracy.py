@@ -4,7 +4,7 @@
     python benchmarks/bench_accuracy.py [--models gemma-3-270m,smollm2-135m] [--tasks sst2,agnews,...]
                                         [--modes choice,generate,unsup-mi,unsup-entropy] [--items 150]
 
-Each run is `zt-gguf calibrate --search paper --holdout 0.4 --force` on the first --items items of
+Each run is `zt-gguf calibrate --search paper --holdout H --force` on a seeded sample of --items items of
 ../shared/data/jsonl/<task>.jsonl; results (baseline and tuned held-out accuracy of both scorings with 95%
 intervals, the chosen heads and gamma, the invalid-output rate, calibration size and time) are appended to
 benchmarks/results/accuracy.jsonl, one line per run, and tabulated in benchmarks/results/accuracy.md.
@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--tasks", default=",".join(FILES))
     ap.add_argument("--modes", default="choice,generate")
     ap.add_argument("--items", type=int, default=150)
+    ap.add_argument("--holdout", type=float, default=0.4, help="held-out fraction of the items")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -111,7 +112,7 @@ def main() -> int:
                     "--no-resume",
                     "--force",
                     "--holdout",
-                    "0.4",
+                    str(args.holdout),
                     "--threads",
                     str(args.threads),
                     "--json",
@@ -137,6 +138,7 @@ def main() -> int:
                     "chosen": rep["chosen"],
                     "evaluations": rep["evaluations"],
                     "seconds": time.monotonic() - t0,
+                    "threads": args.threads,
                     "warnings": rep["warnings"],
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "command": "zt-gguf " + " ".join(cmd[2:]).replace(str(tmp), "$TMP"),
