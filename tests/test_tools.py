@@ -453,7 +453,7 @@ def test_attn_ftb_file_errors_stop_the_tool(llama: Tiny, tmp_path: Path, case: s
     if case == "nested-ok":
         assert res.returncode == 0, err[-2000:]
     else:
-        assert res.returncode != 0 and f.name in err, f"exit {res.returncode}, no error line naming {f.name}: {err}"
+        assert res.returncode != 0 and f.name in err, f"exit {res.returncode}, no line naming {f.name}: {err}"
 
 
 # --- 2. llama-server --------------------------------------------------------------------------------------
