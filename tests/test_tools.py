@@ -803,9 +803,7 @@ def test_llama_cpp_python_structs_match_llama_h(tmp_path: Path) -> None:
     src = tmp_path / "layout.cpp"
     src.write_text("\n".join(lines) + "\n")
     exe = tmp_path / "layout"
-    _run(
-        [cxx, "-std=c++17", "-I", tree / "include", "-I", tree / "ggml" / "include", src, "-o", exe]
-    )
+    _run([cxx, "-std=c++17", "-I", tree / "include", "-I", tree / "ggml" / "include", src, "-o", exe])
     c: dict[str, dict[str, Any]] = {}
     for line in _run([exe]).stdout.decode().splitlines():
         name, field, value = line.split()
@@ -852,8 +850,7 @@ def test_tuned_gguf_is_a_valid_gguf_with_identical_tensors(llama: Tiny, tmp_path
         dumps.append([shutil.which("gguf-dump") or "gguf-dump"])
     for cmd in dumps:
         d_src, d_dst = (
-            json.loads(_run([*cmd, "--json", "--json-array", p]).stdout)
-            for p in (llama.plain.path, tuned)
+            json.loads(_run([*cmd, "--json", "--json-array", p]).stdout) for p in (llama.plain.path, tuned)
         )
         meta = d_dst["metadata"][key]
         assert meta["type"] == "ARRAY" and meta["array_types"] == ["FLOAT32"]
