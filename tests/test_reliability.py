@@ -451,7 +451,7 @@ def test_runtime_setter_through_llama_cpp_python(models: Models) -> None:
         np.testing.assert_allclose(np.float32(r["logits"]), ref, atol=ATOL, rtol=0)
 
 
-# --- per-layer head counts (K4, fixed) and the known upstream crashes (xfail(strict) until fixed) ---------
+# --- per-layer head counts (K4, fixed) and the known upstream crashes (xfail(strict) until fixed) ---
 
 
 def _llama_with(models: Models, folder: Path, name: str, changes: dict[str, bytes | None]) -> Path:
