@@ -163,35 +163,92 @@ struct dist_stats {
     llama_token argmax;
 };
 
-static dist_stats full_stats(const float * x, int32_t n) {
-    float mx = x[0];
-    llama_token am = 0;
-    for (int32_t i = 1; i < n; ++i) {
-        if (x[i] > mx) {
-            mx = x[i];
-            am = i;
+// exp(x) for x <= 0 in float: Cody-Waite reduction by ln 2 and the Cephes polynomial (about 2 ulp), with
+// arithmetic only, so that the loops below vectorise (std::exp is a libm call per element)
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x; // exp(-87) is still a normal float; smaller terms do not change a sum
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; // round to nearest
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t) n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+// max, sum of exp(x - max) and sum of exp(x - max)*(x - max) over a row: 16 float lanes, which the compiler
+// vectorises, folded into doubles every 1024 values to bound the rounding of long rows
+struct row_sums {
+    float  max;
+    double sum;
+    double sum_px;
+};
+
+static constexpr int32_t LANES = 16;
+
+static float row_max(const float * x, int32_t n) {
+    float m[LANES];
+    std::fill(m, m + LANES, -INFINITY);
+    int32_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        for (int32_t l = 0; l < LANES; ++l) {
+            m[l] = m[l] > x[i + l] ? m[l] : x[i + l];
         }
     }
-    double sum = 0.0, sum_px = 0.0;
-    for (int32_t i = 0; i < n; ++i) {
-        const double e = std::exp((double) (x[i] - mx));
-        sum    += e;
-        sum_px += e * (double) (x[i] - mx);
+    float res = *std::max_element(m, m + LANES);
+    for (; i < n; ++i) {
+        res = std::max(res, x[i]);
     }
-    const double lse = mx + std::log(sum);
-    return { lse, std::log(sum) - sum_px / sum, am };
+    return res;
+}
+
+template <bool with_px>
+static row_sums row_exp_sums(const float * x, int32_t n) {
+    const float mx = row_max(x, n);
+    double sum = 0.0, sum_px = 0.0;
+    int32_t i = 0;
+    while (i + LANES <= n) {
+        float s[LANES] = {}, sp[LANES] = {};
+        const int32_t end = std::min(n - n % LANES, i + 1024);
+        for (; i < end; i += LANES) {
+            for (int32_t l = 0; l < LANES; ++l) {
+                const float d = x[i + l] - mx;
+                const float e = exp_nonpos(d);
+                s[l] += e;
+                if (with_px) {
+                    sp[l] += e * d;
+                }
+            }
+        }
+        for (int32_t l = 0; l < LANES; ++l) {
+            sum += s[l];
+            sum_px += sp[l];
+        }
+    }
+    for (; i < n; ++i) {
+        const float d = x[i] - mx;
+        const float e = exp_nonpos(d);
+        sum += e;
+        sum_px += (double) e * d;
+    }
+    return { mx, sum, sum_px };
+}
+
+static dist_stats full_stats(const float * x, int32_t n) {
+    const row_sums r = row_exp_sums<true>(x, n);
+    const llama_token am = (llama_token) (std::find(x, x + n, r.max) - x);
+    return { r.max + std::log(r.sum), std::log(r.sum) - r.sum_px / r.sum, am };
 }
 
 static double log_sum_exp(const float * x, int32_t n) {
-    float mx = x[0];
-    for (int32_t i = 1; i < n; ++i) {
-        mx = std::max(mx, x[i]);
-    }
-    double sum = 0.0;
-    for (int32_t i = 0; i < n; ++i) {
-        sum += std::exp((double) (x[i] - mx));
-    }
-    return mx + std::log(sum);
+    const row_sums r = row_exp_sums<false>(x, n);
+    return r.max + std::log(r.sum);
 }
 
 static size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b) {
@@ -524,9 +581,14 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
             }
         }
         p.n_cells = need;
-        if (need > cell_budget || nseq > params_.n_seq_max - 1) {
+        if (need > cell_budget) {
             throw error("item " + std::to_string(i) + " needs " + std::to_string(need + (int32_t) g) +
                     " tokens of context, more than n_ctx " + std::to_string(params_.n_ctx) + " allows");
+        }
+        if (nseq > params_.n_seq_max - 1) {
+            throw error("item " + std::to_string(i) + " needs " + std::to_string(nseq + 1) +
+                    " sequences (the shared prefix, its prompt and one per choice), more than n_seq_max " +
+                    std::to_string(params_.n_seq_max) + " allows");
         }
         if (!group.empty() && (cells + need > cell_budget || seqs + nseq > params_.n_seq_max - 1)) {
             run_group(group, (int32_t) g, opt);

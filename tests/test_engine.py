@@ -251,3 +251,7 @@ def test_errors_are_exceptions_not_crashes(tmp_path: Path, tiny: Path) -> None:
         ctx.set_bias(np.full(model.bias_shape, np.nan, np.float32))
     # the context still works after the errors
     assert len(ctx.score([Item("the cat", (" sat", " dog"), 0, "ok")])) == 1
+    # 4 multi-token choices need 1 + 4 sequences besides the shared one: too many for n_seq_max 4
+    few = Context(model, n_ctx=64, n_threads=1, n_seq_max=4)
+    with pytest.raises(EngineError, match="6 sequences .* n_seq_max 4"):
+        few.score([Item("the cat", (" sat down", " dog ran", " hello cat", " mat one"), 0, "many")])
