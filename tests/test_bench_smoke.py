@@ -7,6 +7,7 @@ paper search need only gguf and numpy and always run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -337,3 +338,24 @@ def test_fidelity_on_one_prompt_of_smollm2() -> None:
             assert v["top_max_abs_diff"] < 1.5 and v["kl_ref_engine_max"] < 0.1, (fa, g)
     for v in rows[("reference", "logit", None)].values():  # the paper's post-softmax form
         assert v["max_abs_diff"] < 1e-3
+
+
+def test_bench_engine_pieces(tmp_path: Path) -> None:
+    """bench_engine's llama.cpp reference child (llama-cpp-python on our libllama) times a 512-token decode
+    with one and with every output row on a tiny model; its paper-format ARC items list the options, with the
+    letters as the choices."""
+    import bench_engine as be
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is installed by scripts/test.sh")
+    tiny = make_tiny_llama(tmp_path / "tiny.gguf").path
+    ref = be.all_logits_reference(tiny, 1)
+    assert ref["pp512_last_ts"] > 0 and ref["pp512_all_ts"] > 0
+    plain, paper = be.load_items("arc-easy", 3), be.load_items("arc-paper", 3)
+    for a, b in zip(plain, paper):
+        assert a["answer"] == b["answer"] and len(a["choices"]) == len(b["choices"])
+        letters = [c.strip() for c in b["choices"]]
+        assert letters == list("ABCDE"[: len(letters)])
+        for letter, choice in zip(letters, a["choices"]):
+            assert f"\n{letter}.{choice}\n" in b["prompt"]
+        assert b["prompt"].endswith("\nAnswer:")
