@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _common import utc_now
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "jsonl"
@@ -140,7 +141,7 @@ def main() -> int:
                     "seconds": time.monotonic() - t0,
                     "threads": args.threads,
                     "warnings": rep["warnings"],
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "date": utc_now(),
                     "command": "zt-gguf " + " ".join(cmd[2:]).replace(str(tmp), "$TMP"),
                 }
                 with out_jsonl.open("a") as f:

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _common import machine, utc_now
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "jsonl"
@@ -76,19 +75,11 @@ def main() -> int:
         return 1
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     rep = json.loads(res.stdout)
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.machine(),
-    )
     record = {
         "command": " ".join(["python", *sys.argv]),
         "calibrate_command": " ".join(cmd[1:]).replace(str(tmp), "$TMP"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "date": utc_now(),
         "model": args.model,
         "wall_s": wall,
         "peak_rss_mb": peak_mb,

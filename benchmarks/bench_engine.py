@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _common import machine, utc_now
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "jsonl"
@@ -214,18 +213,10 @@ def main() -> int:
                 flush=True,
             )
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.machine(),
-    )
     record = {
         "command": " ".join(sys.argv),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "date": utc_now(),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

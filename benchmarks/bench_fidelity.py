@@ -30,15 +30,15 @@ import importlib.util
 import inspect
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _common import machine, utc_now
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -79,29 +79,6 @@ def gamma_settings(shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
         "ones": np.zeros(shape, np.float32),
         "all-2.0": np.full(shape, math.log(2.0), np.float32),
         "random[0.3,3]": np.log(rng.uniform(0.3, 3.0, size=shape)).astype(np.float32),
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpu, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import os
-
-    notable = [f for f in ("avx2", "f16c", "avx512f", "avx512_fp16", "avx512_bf16", "amx_tile") if f in flags]
-    return {
-        "cpu": cpu or platform.processor(),
-        "cpu_flags": notable,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_1min_at_start": os.getloadavg()[0],
     }
 
 
@@ -518,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
     doc: dict[str, Any] = {
         "command": "python benchmarks/bench_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "date": utc_now(),
         "machine": machine(),
         "versions": versions(),
         "model": q41.name,

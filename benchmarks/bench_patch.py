@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from _common import machine, utc_now  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # the installed package (a source checkout on sys.path would not find the built libraries and tools)
@@ -31,23 +30,6 @@ from zt_gguf.tools import tool_path  # noqa: E402
 
 STOCK_SRC = REPO / "build" / "stock-src"
 STOCK_BUILD = REPO / "build" / "stock"
-
-
-def machine() -> dict[str, object]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
 
 
 def build_stock() -> Path:
@@ -153,7 +135,7 @@ def main() -> int:
     record = {
         "command": " ".join(sys.argv),
         "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "method": f"llama-bench -p 128 -n 32 -r 1 -t {args.threads}, {args.reps} interleaved rounds, median",
         "results": results,
     }

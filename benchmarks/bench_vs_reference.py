@@ -47,9 +47,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from _common import utc_now
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -528,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "command": "python benchmarks/bench_vs_reference.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "date": utc_now(),
         "machine": machine(),
         "versions": versions(),
         "model": q41.name,

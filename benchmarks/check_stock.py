@@ -16,10 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from _common import utc_now
 
 REPO = Path(__file__).resolve().parents[1]
 STOCK_LIB = REPO / "build" / "stock" / "bin"
@@ -86,7 +87,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     record = {
         "command": "python benchmarks/check_stock.py",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "stock_lib": str(STOCK_LIB),
         "prompts": PROMPTS,
         "results": rows,
