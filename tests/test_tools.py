@@ -25,14 +25,9 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +48,10 @@ from zt_gguf.testing import (
     make_tiny_gemma3,
     make_tiny_llama,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_load  # noqa: E402
+from bench_load import Server  # noqa: E402
 
 # log-probabilities, tool vs engine, no flash attention: float32 rounding under other batch shapes, measured
 # <= 2e-6 (llama and gemma3, perplexity, server, llama-cpp-python); the headroom is for gemma3's FP16 GELU
@@ -459,86 +458,25 @@ def test_attn_ftb_file_errors_stop_the_tool(llama: Tiny, tmp_path: Path, case: s
 # --- 2. llama-server --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 60.0) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, None
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start llama-server on a free loopback port; every server started is stopped at teardown."""
-    procs: list[subprocess.Popen[bytes]] = []
+    """Start llama-server (benchmarks/bench_load.py's helper) on a free loopback port, 4 slots, healthy;
+    every server started is stopped at teardown."""
+    servers: list[Server] = []
 
-    def start(model: Path, *extra: str, startup_timeout: float = 90.0, tries: int = 3) -> Server:
-        for _ in range(tries):
-            server = _start_once(model, extra, startup_timeout)
-            if server is not None:
-                return server
-        pytest.fail(f"llama-server exited at startup {tries} times")
-
-    def _start_once(model: Path, extra: tuple[str, ...], startup_timeout: float) -> Server | None:
-        """A healthy server, or None if it exited at startup (e.g. the port was taken meanwhile)."""
-        port = _free_port()
-        log = tmp_path / f"server-{port}.log"
-        args = [
-            tools.tool_path("llama-server"),
-            "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", "4", "-c", "2048",
-            "-t", THREADS, "-fa", "off", "--no-webui", "--no-warmup", *extra,
-        ]  # fmt: skip
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(
-                [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    def start(model: Path, *extra: str, timeout: float = 90.0) -> Server:
+        try:
+            server = bench_load.start_server(
+                model, "--no-warmup", *extra, threads=int(THREADS), log_dir=tmp_path, startup_timeout=timeout
             )
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                sys.stderr.write(
-                    f"llama-server exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
-                )
-                return None
-            try:
-                if _http(url + "/health", timeout=2)[0] == 200:
-                    return Server(url, proc, log)
-            except OSError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(
-            f"llama-server not healthy in {startup_timeout} s:\n{log.read_text(errors='replace')[-3000:]}"
-        )
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        servers.append(server)
+        return server
 
     yield start
-    for proc in procs:
-        _stop(proc)
+    for server in servers:
+        bench_load.stop_server(server)
 
 
 N_TOP = 5  # top log-probabilities requested
@@ -552,7 +490,7 @@ def _first_logprobs(ctx: Context, prompt: str) -> np.ndarray:
 
 def _completion_request(server: Server, prompt: str) -> dict[str, Any]:
     body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": N_TOP, "seed": 1}
-    status, res = _http(server.url + "/v1/completions", body, timeout=60)
+    status, res = bench_load.http(server.url + "/v1/completions", body, timeout=60)
     assert status == 200, f"status {status} for {prompt!r}"
     return res
 
@@ -621,8 +559,7 @@ def test_server_concurrent_requests_equal_engine(llama: Tiny, start_server: Call
     ids, got = [t["id"] for t in top], np.array([t["logprob"] for t in top])
     assert np.abs(got - expect[p][ids]).max() > MIN_EFFECT
     for s in (server, plain):  # SIGTERM: a clean shutdown
-        _stop(s.proc)
-        assert s.proc.returncode == 0, s.log.read_text(errors="replace")[-3000:]
+        assert bench_load.stop_server(s) == 0, s.log.read_text(errors="replace")[-3000:]
 
 
 # --- 3. llama-cpp-python ----------------------------------------------------------------------------------
