@@ -228,6 +228,24 @@ def _norm_w(rng: np.random.Generator, n: int, scale: float = 1.0) -> np.ndarray:
     return (scale * (1.0 + 0.1 * rng.standard_normal(n))).astype(np.float32)
 
 
+def _shape_kv(hp: TinyHParams) -> list[tuple[str, Any, Any, Any]]:
+    """The key/values every tiny model has: sizes, head counts and the norm epsilon."""
+    import gguf
+
+    u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    return [
+        ("{arch}.context_length", hp.n_ctx_train, u32, None),
+        ("{arch}.embedding_length", hp.n_embd, u32, None),
+        ("{arch}.block_count", hp.n_layer, u32, None),
+        ("{arch}.feed_forward_length", hp.n_ff, u32, None),
+        ("{arch}.attention.head_count", hp.n_head, u32, None),
+        ("{arch}.attention.head_count_kv", hp.n_head_kv, u32, None),
+        ("{arch}.attention.key_length", hp.head_dim, u32, None),
+        ("{arch}.attention.value_length", hp.head_dim, u32, None),
+        ("{arch}.attention.layer_norm_rms_epsilon", hp.rms_eps, f32, None),
+    ]
+
+
 def make_tiny_llama(
     path: str | Path,
     *,
@@ -294,18 +312,9 @@ def make_tiny_llama(
         swa_layers=[False] * n_layer,
     )
     u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
-    kv: list[tuple[str, Any, Any, Any]] = [
-        ("{arch}.context_length", n_ctx_train, u32, None),
-        ("{arch}.embedding_length", n_embd, u32, None),
-        ("{arch}.block_count", n_layer, u32, None),
-        ("{arch}.feed_forward_length", n_ff, u32, None),
-        ("{arch}.attention.head_count", n_head, u32, None),
-        ("{arch}.attention.head_count_kv", n_head_kv, u32, None),
-        ("{arch}.attention.key_length", head_dim, u32, None),
-        ("{arch}.attention.value_length", head_dim, u32, None),
+    kv = _shape_kv(hp) + [
         ("{arch}.rope.dimension_count", head_dim, u32, None),
         ("{arch}.rope.freq_base", hp.rope_base, f32, None),
-        ("{arch}.attention.layer_norm_rms_epsilon", hp.rms_eps, f32, None),
         ("{arch}.vocab_size", n_vocab, u32, None),
     ]
     _write_gguf(path, "llama", kv, tok, weights, b if bias_values is None else bias_values, extra_kv)
@@ -400,18 +409,9 @@ def make_tiny_gemma3(
         tied_output=True,
     )
     u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
-    kv: list[tuple[str, Any, Any, Any]] = [
-        ("{arch}.context_length", n_ctx_train, u32, None),
-        ("{arch}.embedding_length", n_embd, u32, None),
-        ("{arch}.block_count", n_layer, u32, None),
-        ("{arch}.feed_forward_length", n_ff, u32, None),
-        ("{arch}.attention.head_count", n_head, u32, None),
-        ("{arch}.attention.head_count_kv", n_head_kv, u32, None),
-        ("{arch}.attention.key_length", head_dim, u32, None),
-        ("{arch}.attention.value_length", head_dim, u32, None),
+    kv = _shape_kv(hp) + [
         ("{arch}.rope.freq_base", rope_base, f32, None),
         ("{arch}.rope.freq_base_swa", rope_base_swa, f32, None),
-        ("{arch}.attention.layer_norm_rms_epsilon", hp.rms_eps, f32, None),
         ("{arch}.attention.sliding_window", sliding_window, u32, None),
         ("{arch}.attention.sliding_window_pattern", swa_pattern, u32, None),
     ]
