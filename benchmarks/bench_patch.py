@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Patch overhead: llama-bench of the patched tree (bias off, bias on) against the same tree unpatched.
 
-    python benchmarks/bench_patch.py [--reps 3] [--threads 2] [--out benchmarks/results/patch.json]
+    python benchmarks/bench_patch.py [--reps 5] [--n-gen 64] [--inner 3] [--threads 2]
+                                     [--out benchmarks/results/patch.json]
 
 Builds the unpatched tree once (scripts/fetch_llama_cpp.py --stock, the same CMake flags as ours, into
 build/stock), writes a copy of each model with a bias on every head (gamma 2 / 0.5 alternating), then runs
-llama-bench -p 128 -n 32 with -fa 0 and -fa 1, interleaving the three variants round by round so that machine
-noise hits them alike. Ratios: bias off / stock (target >= 0.995) and bias on / bias off (target >= 0.98).
+llama-bench -p 128 -n N_GEN -r INNER with -fa 0 and -fa 1, interleaving the three variants round by round
+(REPS rounds) so that machine noise hits them alike; the medians over the rounds are compared. Ratios: bias
+off / stock (target >= 0.995) and bias on / bias off (target >= 0.98).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def full_bias(path: Path, out: Path) -> Path:
     return gguf_meta.write_tuned(path, out, b, {"note": "benchmark: a bias on every head"})
 
 
-def bench(exe: Path, model: Path, fa: int, threads: int) -> dict[str, float]:
+def bench(exe: Path, model: Path, fa: int, threads: int, n_gen: int, inner: int) -> dict[str, float]:
     cmd = [
         str(exe),
         "-m",
@@ -82,9 +84,9 @@ def bench(exe: Path, model: Path, fa: int, threads: int) -> dict[str, float]:
         "-p",
         "128",
         "-n",
-        "32",
+        str(n_gen),
         "-r",
-        "1",
+        str(inner),
         "-t",
         str(threads),
         "-fa",
@@ -96,14 +98,16 @@ def bench(exe: Path, model: Path, fa: int, threads: int) -> dict[str, float]:
     rows = json.loads(res.stdout)
     out = {}
     for r in rows:
-        kind = "pp128" if r["n_prompt"] > 0 else "tg32"
+        kind = "pp128" if r["n_prompt"] > 0 else f"tg{n_gen}"
         out[kind] = float(r["avg_ts"])
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--n-gen", type=int, default=64, help="tokens generated per llama-bench tg run")
+    ap.add_argument("--inner", type=int, default=3, help="llama-bench -r: runs averaged within a round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "patch.json")
     args = ap.parse_args()
@@ -120,9 +124,9 @@ def main() -> int:
             runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
             for _ in range(args.reps):
                 for k, (exe, model) in variants.items():
-                    runs[k].append(bench(exe, model, fa, args.threads))
+                    runs[k].append(bench(exe, model, fa, args.threads, args.n_gen, args.inner))
             row: dict[str, object] = {"model": name, "fa": fa}
-            for kind in ("pp128", "tg32"):
+            for kind in ("pp128", f"tg{args.n_gen}"):
                 med = {k: float(np.median([r[kind] for r in v])) for k, v in runs.items()}
                 row[kind] = {
                     **{f"{k}_ts": v for k, v in med.items()},
@@ -136,7 +140,8 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "machine": machine(),
         "date": utc_now(),
-        "method": f"llama-bench -p 128 -n 32 -r 1 -t {args.threads}, {args.reps} interleaved rounds, median",
+        "method": f"llama-bench -p 128 -n {args.n_gen} -r {args.inner} -t {args.threads}, "
+        f"{args.reps} interleaved rounds, median",
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
