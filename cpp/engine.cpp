@@ -107,7 +107,8 @@ model::model(const std::string & path) {
     if (llama_model_has_encoder(model_) || info_.n_ftb <= 0) {
         llama_model_free(model_);
         model_ = nullptr;
-        throw error(path + ": unsupported model (architecture '" + arch + "'): zt-gguf needs a decoder-only attention model");
+        throw error(path + ": unsupported model (architecture '" + arch + "'): zt-gguf needs a decoder-only attention model " +
+                "with at most 1048576 (layer, head) pairs");
     }
 }
 

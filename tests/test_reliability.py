@@ -508,6 +508,28 @@ def test_llama_arch_per_layer_heads_with_bias(models: Models, tmp_path: Path, bi
     assert out["diff"] <= 1e-6 and out["effect"] > 0.01, out
 
 
+def test_head_count_beyond_any_model_allows_no_bias(models: Models, tmp_path: Path) -> None:
+    """A llama-arch file whose head_count says [4, 879649411] (found by the ASan fuzzer; stock llama.cpp runs
+    it with layer 0's 4 heads) must not size a 7 GB bias: over 2^20 n_layer*n_head values there is no bias.
+    The stored key is ignored with one warning and the tool runs; gguf_meta says why; the engine refuses the
+    model (nothing to tune); a bias file given to the tool is refused (the setter's wrong length)."""
+    key = "llama.attention.head_count"
+    path = _llama_with(models, tmp_path, "huge-heads", {key: kv_record(key, ARR, [4, 879649411], U32)})
+    info = gguf_meta.read_model_info(path)
+    assert info.n_head == 0 and info.biases is None and "allow none" in (info.bias_problem or "")
+    with pytest.raises(EngineError, match="1048576"):
+        Model(path)
+    tool = [str(tools.tool_path("llama-completion")), "-m", str(path), "-p", "the cat", "-n", "2", "-no-cnv"]
+    tool += ["--temp", "0", "-t", "1", "--no-warmup"]
+    res = subprocess.run(tool, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("ignoring the first-token attention bias: the head counts allow none") == 1
+    side = tmp_path / "bias.json"
+    side.write_text(json.dumps([0.5] * 8))
+    res = subprocess.run([*tool, "--attn-ftb", str(side)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and side.name in res.stderr, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("case", ["K2-llama-per-layer-kv-heads", "K3-duplicate-tokens"])
 @pytest.mark.xfail(
     strict=True,

@@ -76,6 +76,8 @@ MAX_BIAS_JSON_BYTES = 64 * 2**20
 COPY_CHUNK_BYTES = 16 * 2**20
 # llama.cpp's LLAMA_MAX_LAYERS: it aborts on a larger {arch}.block_count
 MAX_LAYERS = 512
+# llama.cpp's LLAMA_MAX_ATTN_FTB: with more n_layer*n_head values than this, no bias is allowed
+MAX_BIAS_VALUES = 1 << 20
 # string arrays longer than this (vocabularies, merges) are skipped, not decoded
 MAX_DECODED_STRING_ARRAY = 1024
 
@@ -95,7 +97,7 @@ class ModelInfo:
     path: Path
     arch: str
     n_layer: int
-    n_head: int  # max over the layers: the row length of the bias
+    n_head: int  # max over the layers: the row length of the bias (0: no bias possible, see MAX_BIAS_VALUES)
     n_head_per_layer: list[int]
     n_head_kv: int  # max over the layers
     n_embd: int
@@ -560,7 +562,8 @@ def _model_info(layout: _Layout) -> ModelInfo:
         path=path,
         arch=arch,
         n_layer=n_layer,
-        n_head=max(heads),
+        # llama.cpp allows no bias for head counts beyond any real model's (a hostile file): a row length of 0
+        n_head=max(heads) if n_layer * max(heads) <= MAX_BIAS_VALUES else 0,
         n_head_per_layer=heads,
         n_head_kv=max(heads_kv),
         n_embd=n_embd,
@@ -634,6 +637,8 @@ def _read_provenance(layout: _Layout) -> dict[str, Any]:
 
 def _stored_bias(kv: _KV, info: ModelInfo) -> tuple[np.ndarray | None, str | None]:
     """(biases, None) or (None, why the key is unusable), by llama.cpp's rules."""
+    if info.n_bias == 0:
+        return None, f"the head counts allow none (0, or over {MAX_BIAS_VALUES} n_layer*n_head values)"
     if kv.type != GGUFValueType.ARRAY or kv.sub_type != GGUFValueType.FLOAT32:
         return None, f"{kv.key} is not a FLOAT32 array ({kv.type_name()})"
     values = kv.value.astype(np.float32)
