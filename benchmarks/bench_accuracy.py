@@ -80,6 +80,45 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict]) -> str:
+    """Per model and mode: the mean change of held-out choice accuracy over the tasks, and how many tasks went
+    up, down or stayed, and how many changes a paired bootstrap 95% interval puts away from 0."""
+    lines = [
+        "| model | mode | tasks | mean change (choice) | up / same / down | significant up / down |",
+        "|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(r["model"], r["mode"]) for r in rows}, key=lambda k: (k[0], list(MODES).index(k[1])))
+    for model, mode in keys:
+        sel = [r for r in rows if r["model"] == model and r["mode"] == mode]
+        deltas = [r["delta"]["accuracy_choice"] for r in sel]
+        d = [x["delta"] for x in deltas]
+        up, down = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+        sig_up = sum(x["interval"][0] > 0 for x in deltas)
+        sig_down = sum(x["interval"][1] < 0 for x in deltas)
+        cells = [
+            model, mode, str(len(sel)), f"{100 * sum(d) / len(d):+.1f} points",
+            f"{up} / {len(d) - up - down} / {down}", f"{sig_up} / {sig_down}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(out_jsonl: Path) -> Path:
+    rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    tasks, modes = list(FILES), list(MODES)
+    rows.sort(key=lambda r: (r["model"], tasks.index(r["task"]), modes.index(r["mode"])))
+    md = out_jsonl.with_suffix(".md")
+    md.write_text(
+        "# Held-out accuracy before and after tuning\n\n`python benchmarks/bench_accuracy.py` "
+        "(see its docstring); one row per run. Times are wall times on the shared 2-core "
+        "machine (two runs at a time, one thread each), not speed figures.\n\n## By model and mode\n\n"
+        + summary(rows)
+        + "\n## Every run\n\n"
+        + table(rows)
+    )
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gemma-3-270m,smollm2-135m")
@@ -88,11 +127,15 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=150)
     ap.add_argument("--holdout", type=float, default=0.4, help="held-out fraction of the items")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table-only", action="store_true", help="only rewrite accuracy.md from accuracy.jsonl")
     args = ap.parse_args()
 
     from zt_gguf import models
 
     out_jsonl = REPO / "benchmarks" / "results" / "accuracy.jsonl"
+    if args.table_only:
+        print(f"wrote {write_markdown(out_jsonl)}")
+        return 0
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="zt-acc-"))
     for model_name in args.models.split(","):
@@ -147,12 +190,7 @@ def main() -> int:
                 with out_jsonl.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(table([row]).splitlines()[-1], flush=True)
-    rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
-    md = REPO / "benchmarks" / "results" / "accuracy.md"
-    md.write_text(
-        "# Held-out accuracy before and after tuning\n\n`python benchmarks/bench_accuracy.py` "
-        "(see its docstring); one row per run, latest runs last.\n\n" + table(rows)
-    )
+    write_markdown(out_jsonl)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
