@@ -162,7 +162,7 @@ def child_ref(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_zt(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
-    from zt_gguf.engine import Context, Model
+    from zt_gguf.engine import Context, Model, fit_n_ctx
     from zt_gguf.search import SearchConfig, context_scorer, search
     from zt_gguf.tasks import Item
 
@@ -170,7 +170,8 @@ def child_zt(cfg: dict[str, Any]) -> dict[str, Any]:
     items = [Item(d["prompt"], tuple(d["choices"]), d["answer"], d["id"]) for d in cfg["items"]]
     t1 = time.monotonic()
     model = Model(cfg["model"])
-    ctx = Context(model, n_threads=cfg["threads"])
+    # the context zt-gguf calibrate makes: fitted to the items scored per search call
+    ctx = Context(model, n_threads=cfg["threads"], n_ctx=fit_n_ctx(model, items, cfg["chunk_size"], 1))
     t_load = time.monotonic() - t1
     rss_loaded = _vm("VmRSS")
     s = cfg["search"]
@@ -287,7 +288,7 @@ def memory_8b() -> dict[str, Any]:
     n_params, n_layer, n_kv, head_dim, n_vocab = 8.03e9, 32, 8, 128, 128256
     kv_tok_f32 = 2 * n_layer * n_kv * head_dim * 4  # bytes per token, K and V
     prompt = 512  # tokens of one reference forward (an SST-2 item is ~50; generous)
-    ctx = 4096  # zt-gguf's default n_ctx, shared by up to 64 sequences
+    ctx = 4096  # the most cells zt-gguf fits to a task (engine.fit_n_ctx), shared by up to 64 sequences
     ref_act = prompt * kv_tok_f32 + prompt * n_vocab * 4  # its KV + the logits of every position
     gguf = 4.92e9  # Meta-Llama-3.1-8B-Instruct Q4_K_M GGUF file
     zt_kv = ctx * kv_tok_f32 // 2  # F16 cache

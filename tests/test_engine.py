@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zt_gguf.engine import Context, EngineError, Model
+from zt_gguf.engine import Context, EngineError, Model, fit_n_ctx
 from zt_gguf.tasks import Item
 from zt_gguf.testing import make_tiny_gemma3, make_tiny_llama
 
@@ -255,3 +255,33 @@ def test_errors_are_exceptions_not_crashes(tmp_path: Path, tiny: Path) -> None:
     few = Context(model, n_ctx=64, n_threads=1, n_seq_max=4)
     with pytest.raises(EngineError, match="6 sequences .* n_seq_max 4"):
         few.score([Item("the cat", (" sat down", " dog ran", " hello cat", " mat one"), 0, "many")])
+
+
+def test_fit_n_ctx_sizes_the_cache_to_the_items(tmp_path: Path) -> None:
+    """The fitted context: 512 for a few short items; for longer ones at least the cells of the per_call
+    largest (prompt, every choice, n_gen), a multiple of 256, at most 4096 and never below the largest item;
+    capped by the training context. Scoring with it works: every item fits."""
+    model = Model(make_tiny_llama(tmp_path / "t.gguf", n_ctx_train=8192).path)
+    short = [Item("the cat sat", (" on", " mat"), 0, str(i)) for i in range(3)]
+    assert fit_n_ctx(model, short, 32) == 512
+    words = "hello world the cat sat on a mat and".split()
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(60 + i)) for i in range(40)]
+    long_items = [Item(t, (" dog ran", " one two three"), 0, str(i)) for i, t in enumerate(texts)]
+    cells = sorted(
+        (
+            len(model.tokenize(it.prompt))
+            + sum(len(model.tokenize(it.prompt + c)) - len(model.tokenize(it.prompt)) for c in it.choices)
+            + 4
+            for it in long_items
+        ),
+        reverse=True,
+    )
+    n = fit_n_ctx(model, long_items, 8, n_gen=4)
+    assert n % 256 == 0 and sum(cells[:8]) <= n < sum(cells[:8]) + 256 + 512
+    assert fit_n_ctx(model, long_items * 3, 64, n_gen=4) == 4096
+    huge = [Item(" ".join(words * 600), (" a", " b"), 0, "huge")]
+    assert fit_n_ctx(model, huge, 32) >= len(model.tokenize(huge[0].prompt)) + 64
+    small = Model(make_tiny_llama(tmp_path / "s.gguf", n_ctx_train=1024).path)
+    assert fit_n_ctx(small, huge, 32) == 1024
+    ctx = Context(model, n_ctx=n, n_threads=1)
+    assert len(ctx.score(long_items[:8], n_gen=4)) == 8

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, gguf_meta, metrics
-from .engine import Context, Model
+from .engine import Context, Model, fit_n_ctx
 from .search import SearchConfig, SearchResult, context_scorer, search
 from .tasks import Item, Task, split_items
 
@@ -53,7 +53,7 @@ class CalibrateOptions:
     max_items: int | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     n_threads: int = 2
-    n_ctx: int = 4096
+    n_ctx: int | None = None  # None: fitted to the items (engine.fit_n_ctx)
     flash_attn: bool | None = None
     force: bool = False
     check_items: Sequence[Item] | None = None  # labelled items to check an unsupervised pick
@@ -159,8 +159,9 @@ def calibrate(
         raise CalibrationError(f"{task.path}: no items left for calibration")
 
     model = Model(model_path)
-    ctx = Context(model, n_threads=options.n_threads, n_ctx=options.n_ctx, flash_attn=options.flash_attn)
     n_gen = options.n_gen if options.scoring == "generate" else 1
+    n_ctx = options.n_ctx or fit_n_ctx(model, [*calib, *held], options.search.chunk_size, n_gen)
+    ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx, flash_attn=options.flash_attn)
     stops = _label_words(items)
     scorer = context_scorer(ctx, n_gen=n_gen, gen_stop=stops)
 

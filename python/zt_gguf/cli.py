@@ -114,9 +114,7 @@ task_options = [
         "--ctx",
         "n_ctx",
         type=click.IntRange(min=64),
-        default=4096,
-        show_default=True,
-        help="KV cells shared by the items scored together.",
+        help="KV cells shared by the items scored together (default: fitted to the items, 512 to 4096).",
     ),
     click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout."),
 ]
@@ -256,7 +254,7 @@ def calibrate_cmd(
     max_items: int | None,
     allow_duplicate_choices: bool,
     threads: int,
-    n_ctx: int,
+    n_ctx: int | None,
     as_json: bool,
     output: Path | None,
     report_dir: Path | None,
@@ -433,7 +431,7 @@ def eval_cmd(
     max_items: int | None,
     allow_duplicate_choices: bool,
     threads: int,
-    n_ctx: int,
+    n_ctx: int | None,
     as_json: bool,
     no_bias: bool,
     bias_file: Path | None,
@@ -446,14 +444,14 @@ def eval_cmd(
       zt-gguf eval tuned.gguf --task data.jsonl
       zt-gguf eval tuned.gguf --task data.jsonl --no-bias --json
     """
-    from .engine import Context, Model
+    from .engine import Context, Model, fit_n_ctx
 
     try:
         info = _check_model(model)
         task = _load_task(task_path, template, choice_words, max_items, allow_duplicate_choices)
         bias = gguf_meta.read_bias_file(bias_file, info) if bias_file else None
         m = Model(model)
-        ctx = Context(m, n_threads=threads, n_ctx=n_ctx)
+        ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, 32, n_gen))
         if no_bias:
             ctx.set_bias(None)
         elif bias is not None:
@@ -642,7 +640,7 @@ def demo_cmd(
         max_items=max_items,
         allow_duplicate_choices=False,
         threads=threads,
-        n_ctx=4096,
+        n_ctx=None,
         as_json=as_json,
         output=out,
         report_dir=None,

@@ -36,6 +36,31 @@ class Scores:
     n_prompt_tokens: int = 0
 
 
+DEFAULT_N_CTX = 4096
+N_CTX_MIN = 512
+N_CTX_STEP = 256
+
+
+def fit_n_ctx(model: Model, items: Sequence[Item], per_call: int, n_gen: int = 0) -> int:
+    """KV cells for scoring items per_call at a time: the per_call largest items' cells (prompt, the tokens
+    of every choice, n_gen generated), rounded up to 256, within [512, 4096], and at least the largest item's
+    (up to the model's training context). The KV cache is allocated whole (4096 cells are 512 MiB for an 8B
+    model), so a small task should not pay for a large context; more cells only group more items a decode."""
+    cells = []
+    for it in items:
+        p = model.tokenize(it.prompt)
+        extra = sum(max(1, len(model.tokenize(it.prompt + c)) - len(p)) for c in it.choices)
+        cells.append(len(p) + extra + n_gen)
+    if not cells:
+        return N_CTX_MIN
+    cells.sort(reverse=True)
+    n = min(max(sum(cells[:per_call]), N_CTX_MIN), DEFAULT_N_CTX)
+    n = max(n, cells[0] + 64)
+    if model.n_ctx_train > 0:
+        n = min(n, max(model.n_ctx_train, N_CTX_MIN))
+    return -(-n // N_CTX_STEP) * N_CTX_STEP
+
+
 class Model:
     """A GGUF model loaded by the patched llama.cpp."""
 
@@ -85,7 +110,7 @@ class Context:
         self,
         model: Model,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int = DEFAULT_N_CTX,
         n_batch: int = 512,
         n_ubatch: int = 512,
         n_threads: int = 2,
