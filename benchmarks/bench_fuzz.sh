@@ -46,6 +46,8 @@ fi
 LAUNCHER=()
 if command -v ccache >/dev/null; then
     export CCACHE_BASEDIR=$ROOT
+    # -g puts the build folder into the objects, which ccache would hash: another clone would miss every object
+    export CCACHE_NOHASHDIR=1
     LAUNCHER=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 fi
 GEN=()
