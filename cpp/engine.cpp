@@ -219,7 +219,7 @@ static row_sums row_exp_sums(const float * x, int32_t n) {
         const int32_t end = std::min(n - n % LANES, i + 1024);
         for (; i < end; i += LANES) {
             for (int32_t l = 0; l < LANES; ++l) {
-                const float d = x[i + l] - mx;
+                const float d = std::max(x[i + l] - mx, -87.0f); // a -inf logit adds 0, not 0 * -inf
                 const float e = exp_nonpos(d);
                 s[l] += e;
                 if (with_px) {
@@ -233,7 +233,7 @@ static row_sums row_exp_sums(const float * x, int32_t n) {
         }
     }
     for (; i < n; ++i) {
-        const float d = x[i] - mx;
+        const float d = std::max(x[i] - mx, -87.0f);
         const float e = exp_nonpos(d);
         sum += e;
         sum_px += (double) e * d;
@@ -243,7 +243,9 @@ static row_sums row_exp_sums(const float * x, int32_t n) {
 
 static dist_stats full_stats(const float * x, int32_t n) {
     const row_sums r = row_exp_sums<true>(x, n);
-    const llama_token am = (llama_token) (std::find(x, x + n, r.max) - x);
+    // the first maximum, as a scan would find it (0 for a row without one: NaN logits)
+    const float * it = std::find(x, x + n, r.max);
+    const llama_token am = it == x + n ? 0 : (llama_token) (it - x);
     return { r.max + std::log(r.sum), std::log(r.sum) - r.sum_px / r.sum, am };
 }
 
