@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from datetime import datetime, timezone
@@ -34,3 +35,11 @@ def machine() -> dict[str, Any]:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_record(folder: Path, name: str, doc: dict[str, Any], markdown: str) -> str:
+    """folder/name.json and folder/name.md; returns the markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (folder / f"{name}.md").write_text(markdown)
+    return markdown

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import math
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import machine, utc_now
+from _common import machine, utc_now, write_record
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -504,11 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     doc.update(run(q41, f32, prompts, args.threads, args.seed, capi_route=args.capi))
     doc["notes"] = notes(doc)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fidelity.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = to_markdown(doc)
-    (args.out / "fidelity.md").write_text(md)
-    print(md)
+    print(write_record(args.out, "fidelity", doc, to_markdown(doc)))
     return 0
 
 

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import utc_now
+from _common import utc_now, write_record
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -598,11 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["ratios"] = ratios
     doc["memory_8b"] = memory_8b()
     doc["notes"] = notes(doc)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vs_reference.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = to_markdown(doc)
-    (args.out / "vs_reference.md").write_text(md)
-    print(md)
+    print(write_record(args.out, "vs_reference", doc, to_markdown(doc)))
     return 0
 
 

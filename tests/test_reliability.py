@@ -246,19 +246,21 @@ def _needs_llama_cpp() -> None:
         pytest.skip("llama-cpp-python is not installed (scripts/test.sh installs it)")
 
 
+def _llama_cpp_child(script: str, *args: str) -> Any:
+    """Run script in a child Python (llama-cpp-python finds our libllama by itself: LLAMA_CPP_LIB_PATH unset);
+    it must exit 0; its last stdout line is JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    res = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=CMD_TIMEOUT, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def test_hostile_bias_metadata_through_llama_cpp_python(hostile: dict[str, tuple[Path, str]]) -> None:
     """llama-cpp-python on our libllama: the same files load with the bias off (or clamped), or raise."""
     _needs_llama_cpp()
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    res = subprocess.run(
-        [sys.executable, "-c", _LLAMA_CPP_CHILD, *(str(p) for p, _ in hostile.values())],
-        capture_output=True,
-        text=True,
-        timeout=CMD_TIMEOUT,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _llama_cpp_child(_LLAMA_CPP_CHILD, *(str(p) for p, _ in hostile.values()))
     for name, (path, expect) in hostile.items():
         r = out[str(path)]
         assert r["loaded"] == (expect != "refused"), (name, r)
@@ -426,16 +428,7 @@ def test_runtime_setter_through_llama_cpp_python(models: Models) -> None:
         "models": {"llama": str(models.tuned), "deci": str(models.deci)},
         "sum_heads": {"llama": 8 - 1, "deci": 6},  # llama: any other wrong length
     }
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    res = subprocess.run(
-        [sys.executable, "-c", _SETTER_CHILD, json.dumps(arg)],
-        capture_output=True,
-        text=True,
-        timeout=CMD_TIMEOUT,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _llama_cpp_child(_SETTER_CHILD, json.dumps(arg))
     for name, path, bias in (("llama", models.tuned, models.bias), ("deci", models.deci, models.deci_bias)):
         r = out[name]
         assert r["n"] == 8
