@@ -9,7 +9,7 @@ import pytest
 
 from zt_gguf.tasks import MAX_LINE_BYTES, Item, TaskError, demo_task_path, load_task, split_items
 
-SHARED_DATA = Path("/work/shared/data/jsonl")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl"  # ../shared beside the repo
 
 GOOD = {"prompt": "Review: fine\nSentiment:", "choices": [" negative", " positive"], "answer": 1}
 HEADER = {"zt_task": {"template": "Review: {text}\nSentiment:", "choices": [" negative", " positive"]}}
@@ -412,7 +412,9 @@ def test_demo_task() -> None:
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
 def test_shared_data_loads() -> None:
-    for path in sorted(SHARED_DATA.glob("*.jsonl")):
+    paths = sorted(SHARED_DATA.glob("*.jsonl"))
+    assert len(paths) >= 6, paths  # the six tasks of the accuracy benchmark at least
+    for path in paths:
         task = load_task(path, allow_duplicate_choices=True)
         assert task.has_answers, path
         assert all(c.startswith(" ") for i in task.items for c in i.choices), path
