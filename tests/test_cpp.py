@@ -2,7 +2,8 @@
 
 test-kv-bias checks the ggml kv bias against an independent double-precision reference, and the backend guard;
 test-backend-ops' kv-bias cases check the optimised CPU kernels (tiled and split-KV flash attention) against
-the CPU reference kernels.
+the CPU reference kernels. test-mul-mat-q4_1 checks patch 0005 (Q4_1 batches in llamafile's tinyBLAS): bit for
+bit equal to ggml's one-column vec_dot path, and within 1e-5 of a double-precision reference of the blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def test_kv_bias_against_reference() -> None:
     m = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
     assert m and int(m.group(1)) >= 50 and m.group(2) == "0", res.stdout[-2000:]
     assert "backend guard" in res.stdout
+
+
+def test_mul_mat_q4_1_batches_equal_single_columns() -> None:
+    res = _run([str(tool_path("test-mul-mat-q4_1"))], timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    m = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
+    assert m and int(m.group(1)) >= 160 and m.group(2) == "0", res.stdout[-2000:]
 
 
 def test_backend_ops_kv_bias_cases() -> None:
