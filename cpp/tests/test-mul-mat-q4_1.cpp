@@ -3,12 +3,15 @@
 //   1. every element of a batched product equals, bit for bit, the product of its column alone (vec_dot path),
 //      for every shape of tile the kernel has (m, n = 1..9 and larger), with 1 and 2 threads;
 //   2. both agree with a double-precision reference of the Q4_1 x Q8_1 dot product, computed here from the
-//      quantized blocks: sum over blocks of d_a*d_b*sum(q_a*q_b) + m_a*s_b.
+//      quantized blocks: sum over blocks of d_a*d_b*sum(q_a*q_b) + m_a*s_b;
+//   3. on AVX2 CPUs llamafile_sgemm takes Q4_1 x Q8_1 (stock llama.cpp declines it) and gives those same bits.
 
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-cpu/ggml-cpu-impl.h"     // ggml_compute_params
+#include "ggml-cpu/llamafile/sgemm.h"
 
 #include <cmath>
 #include <cstdint>
@@ -103,17 +106,19 @@ static void run_case(ggml_backend_t backend, int n_threads, int64_t m, int64_t n
     // 2. the double-precision reference, from the blocks: X is quantized as the CPU backend quantizes it
     const ggml_from_float_t to_q8_1 = ggml_get_type_traits_cpu(GGML_TYPE_Q8_1)->from_float;
     const int64_t nb = k/32;
-    std::vector<q8_1_block> xq(nb);
+    std::vector<q8_1_block> xq(n*nb);
+    for (int64_t j = 0; j < n; j++) {
+        to_q8_1(x.data() + j*k, xq.data() + j*nb, k);
+    }
     const q4_1_block * wq = (const q4_1_block *) w.data();
     double max_err = 0.0;
     bool ok = true;
     for (int64_t j = 0; j < n; j++) {
-        to_q8_1(x.data() + j*k, xq.data(), k);
         for (int64_t i = 0; i < m; i++) {
             double ref = 0.0, mag = 0.0;
             for (int64_t b = 0; b < nb; b++) {
                 const q4_1_block & wb = wq[i*nb + b];
-                const q8_1_block & xb = xq[b];
+                const q8_1_block & xb = xq[j*nb + b];
                 int32_t dot = 0;
                 for (int l = 0; l < 16; l++) {
                     dot += (wb.qs[l] & 0x0F)*xb.qs[l] + (wb.qs[l] >> 4)*xb.qs[l + 16];
@@ -129,6 +134,18 @@ static void run_case(ggml_backend_t backend, int n_threads, int64_t m, int64_t n
         }
     }
     report(name, "reference", ok, "max relative error %.2e (tolerance %.0e)", max_err, 1e-5);
+
+    // 3. the tinyBLAS kernel itself, called as ggml_compute_forward_mul_mat calls it (k and the strides in blocks)
+    if (ggml_cpu_has_avx2() && ggml_cpu_has_f16c()) {
+        ggml_compute_params params = {};
+        params.ith = 0;
+        params.nth = 1;
+        std::vector<float> c(m*n, NAN);
+        const bool taken = llamafile_sgemm(&params, m, n, nb, w.data(), nb, xq.data(), nb, c.data(), m,
+                                           GGML_TYPE_Q4_1, GGML_TYPE_Q8_1, GGML_TYPE_F32);
+        const bool equal = taken && memcmp(c.data(), batch.data(), c.size()*sizeof(float)) == 0;
+        report(name, "sgemm", equal, "taken=%.0f, bit-identical to the graph's result=%.0f", taken, equal);
+    }
 }
 
 int main() {
