@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 from zt_gguf.tools import tool_path
 
@@ -31,6 +32,10 @@ def test_mul_mat_q4_1_batches_equal_single_columns() -> None:
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     m = re.search(r"^(\d+) passed, (\d+) failed$", res.stdout, re.M)
     assert m and int(m.group(1)) >= 160 and m.group(2) == "0", res.stdout[-2000:]
+    cpu = Path("/proc/cpuinfo")
+    flags = set(cpu.read_text().split()) if cpu.exists() else set()
+    if {"avx2", "f16c"} <= flags:  # the kernel itself was called and took the type, on every shape
+        assert len(re.findall(r"^ok .* sgemm ", res.stdout, re.M)) >= 80, res.stdout[-2000:]
 
 
 def test_backend_ops_kv_bias_cases() -> None:
