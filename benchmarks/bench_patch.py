@@ -8,7 +8,8 @@ Builds the unpatched tree once (scripts/fetch_llama_cpp.py --stock, the same CMa
 build/stock), writes a copy of each model with a bias on every head (gamma 2 / 0.5 alternating), then runs
 llama-bench -p 128 -n N_GEN -r INNER with -fa 0 and -fa 1, interleaving the three variants round by round
 (REPS rounds) so that machine noise hits them alike; the medians over the rounds are compared. Ratios: bias
-off / stock (target >= 0.995) and bias on / bias off (target >= 0.98).
+off / stock (target >= 0.995) and bias on / bias off (target >= 0.98). Patch 0005 (Q4_1 in llamafile's
+tinyBLAS) is in the patched build too: SmolLM2's Q4_1 prompt processing (pp128) is ~1.8x stock, by design.
 """
 
 from __future__ import annotations

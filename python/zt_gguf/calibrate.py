@@ -27,8 +27,9 @@ MIN_SUPERVISED_ITEMS = 20
 MIN_CHECK_ITEMS = 24  # labelled items for a held-out check of an unsupervised pick
 
 # which objective a mode and scoring calibrate for, unless one is named. Unsupervised: mutual information,
-# measured against the paper's full-vocabulary entropy on 6 + 5 tasks (benchmarks/bench_accuracy.py): mean
-# held-out change +1.2 / +6.7 points (Gemma / SmolLM2) vs -1.2 / -6.1; it can hurt a task with skewed labels
+# measured against the paper's full-vocabulary entropy on 6 tasks x 2 models (benchmarks/results/accuracy.md):
+# mean held-out change +1.2 / +10.0 points (Gemma / SmolLM2) vs -1.2 / -5.1; it can hurt a task with skewed
+# labels
 DEFAULT_OBJECTIVE = {
     ("supervised", "generate"): "accuracy-generate",
     ("supervised", "choice"): "accuracy-choice",

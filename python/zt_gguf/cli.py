@@ -23,6 +23,7 @@ from .search import SearchConfig, SearchError
 from .tools import TOOLS, ToolError, bin_dir, tool_path
 
 EXIT_USAGE = 2
+EVAL_CHUNK = 64  # eval scores this many items a call (the fitted KV cache holds them)
 
 
 class UserError(click.ClickException):
@@ -451,7 +452,7 @@ def eval_cmd(
         task = _load_task(task_path, template, choice_words, max_items, allow_duplicate_choices)
         bias = gguf_meta.read_bias_file(bias_file, info) if bias_file else None
         m = Model(model)
-        ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, 32, n_gen))
+        ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, EVAL_CHUNK, n_gen))
         if no_bias:
             ctx.set_bias(None)
         elif bias is not None:
@@ -462,9 +463,9 @@ def eval_cmd(
         scores = []
         bar = _progress_factory(not as_json)
         tick = bar("eval", len(task.items)) if bar else None
-        for i in range(0, len(task.items), 64):
+        for i in range(0, len(task.items), EVAL_CHUNK):
             scores += ctx.score(
-                task.items[i : i + 64], n_gen=n_gen, gen_stop=stops if len(stops) <= 32 else []
+                task.items[i : i + EVAL_CHUNK], n_gen=n_gen, gen_stop=stops if len(stops) <= 32 else []
             )
             if tick:
                 tick(len(scores))
