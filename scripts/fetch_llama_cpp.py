@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 SDIST_NAME = "llama-cpp-python"
@@ -58,33 +59,130 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _outer_pip_env() -> dict[str, str]:
+    """The environment for a pip child process that sees the interpreter's own site-packages.
+
+    Under pip's default build isolation, this script runs with PYTHONPATH pointing at the isolated build
+    environment's sitecustomize.py and PYTHONNOUSERSITE=1, which hide the site-packages where pip itself
+    lives ("No module named pip"). Dropping exactly those entries gives the child the user's interpreter,
+    pip and pip configuration (config files and PIP_* variables pass through untouched)."""
+    env = dict(os.environ)
+    entries = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+    kept = [e for e in entries if not (Path(e) / "sitecustomize.py").exists() or "pip-build-env" not in e]
+    if len(kept) != len(entries):
+        env.pop("PYTHONNOUSERSITE", None)
+        if kept:
+            env["PYTHONPATH"] = os.pathsep.join(kept)
+        else:
+            env.pop("PYTHONPATH", None)
+    return env
+
+
+def _pip_download(dest: str) -> str | None:
+    """Download the sdist into dest with the user's pip. Returns None on success, else why it failed."""
+    env = _outer_pip_env()
+    probe = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True, env=env)
+    if probe.returncode != 0:
+        return "no pip in this interpreter"
+    # only this package from source; pip prepares its metadata in its own isolated environment, with
+    # scikit-build-core as a wheel from the same index (nothing is compiled)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        f"--no-binary={SDIST_NAME}",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        dest,
+        f"{SDIST_NAME}=={SDIST_VERSION}",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode == 0 and (Path(dest) / SDIST_FILE).exists():
+        return None
+    lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+    return "pip download: " + (lines[-1] if lines else f"exit {res.returncode}, no {SDIST_FILE}")
+
+
+def _index_url() -> str:
+    """PIP_INDEX_URL, else index-url from the pip configuration files, else PyPI (for a pip-less interpreter)."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].split()[0]
+    import configparser
+
+    files = ["/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.pip/pip.conf"),
+             os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pip", "pip.conf"),
+             os.path.join(sys.prefix, "pip.conf"), os.environ.get("PIP_CONFIG_FILE") or ""]
+    url = "https://pypi.org/simple"
+    for f in files:
+        cp = configparser.ConfigParser()
+        try:
+            cp.read(f)
+        except configparser.Error:
+            continue
+        for section in ("global", "download"):
+            if cp.has_option(section, "index-url"):
+                url = cp.get(section, "index-url").split()[0]
+    return url
+
+
+def _direct_download(dest: str) -> str | None:
+    """Fetch the sdist from the index's simple API (PEP 691 JSON) without pip. None on success."""
+    import json
+    import ssl
+    import urllib.request
+
+    base = _index_url().rstrip("/")
+    cafile = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or None
+    ctx = ssl.create_default_context(cafile=cafile)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+    try:
+        req = urllib.request.Request(
+            f"{base}/{SDIST_NAME}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        )
+        with opener.open(req, timeout=120) as r:
+            files = json.load(r)["files"]
+        url = next(f["url"] for f in files if f["filename"] == SDIST_FILE)
+        with opener.open(urllib.parse.urljoin(f"{base}/{SDIST_NAME}/", url), timeout=600) as r, open(
+            Path(dest) / SDIST_FILE, "wb"
+        ) as out:
+            shutil.copyfileobj(r, out)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        return f"{base}: {type(e).__name__}: {e}"
+    return None
+
+
 def fetch_sdist() -> Path:
-    """Return the path of the verified sdist, downloading it with pip if it is not cached."""
+    """Return the path of the verified sdist: $ZT_GGUF_LLAMA_SDIST, the cache, or a download.
+
+    The download uses the user's pip (so its index URL, proxy and certificates apply), or, in an
+    interpreter without pip, the index's simple API directly."""
+    given = os.environ.get("ZT_GGUF_LLAMA_SDIST")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise FetchError(f"ZT_GGUF_LLAMA_SDIST={given}: no such file")
+        digest = sha256_of(path)
+        if digest != SDIST_SHA256:
+            raise FetchError(f"ZT_GGUF_LLAMA_SDIST={given}: sha256 {digest} is not the pinned {SDIST_SHA256}")
+        return path
     target = cache_dir() / SDIST_FILE
     if target.exists() and sha256_of(target) == SDIST_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        # --no-build-isolation: pip must not build the sdist's build dependencies from source
-        # (with --no-binary=:all: it would compile cmake) just to read its metadata
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary=:all:",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            f"{SDIST_NAME}=={SDIST_VERSION}",
-        ]
         print("fetch_llama_cpp: downloading", f"{SDIST_NAME}=={SDIST_VERSION}", flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        why = _pip_download(tmp)
+        if why == "no pip in this interpreter":
+            why = _direct_download(tmp)
+        if why is not None:
+            raise FetchError(
+                f"could not download {SDIST_NAME}=={SDIST_VERSION} ({why}); check that the package index "
+                f"is reachable (pip's index-url, proxy, cert), or download {SDIST_FILE} yourself and set "
+                "ZT_GGUF_LLAMA_SDIST=/path/to/it"
+            )
         got = Path(tmp) / SDIST_FILE
-        if res.returncode != 0 or not got.exists():
-            raise FetchError(f"pip download of {SDIST_NAME}=={SDIST_VERSION} failed:\n{res.stderr.strip()}")
         digest = sha256_of(got)
         if digest != SDIST_SHA256:
             raise FetchError(f"{SDIST_FILE}: sha256 {digest} does not match the pinned {SDIST_SHA256}")
