@@ -65,6 +65,9 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("choice_first_logprob", &zt::item_score::choice_first_logprob)
         .def_readonly("entropy_full", &zt::item_score::entropy_full)
         .def_readonly("entropy_choices", &zt::item_score::entropy_choices)
+        .def_readonly("choice_next_token", &zt::item_score::choice_next_token)
+        .def_readonly("choice_next_logprob", &zt::item_score::choice_next_logprob)
+        .def_readonly("other_next_logprob", &zt::item_score::other_next_logprob)
         .def_readonly("gen_tokens", &zt::item_score::gen_tokens)
         .def_property_readonly("gen_text", [](const zt::item_score & s) { return utf8(s.gen_text); })
         .def_readonly("n_prompt_tokens", &zt::item_score::n_prompt_tokens);
@@ -110,7 +113,8 @@ PYBIND11_MODULE(_core, m) {
              })
         .def("score", [](zt::context & c, const std::vector<std::string> & prompts,
                          const std::vector<std::vector<std::string>> & choices, int32_t n_gen,
-                         const std::vector<std::string> & gen_stop, bool parse_special) {
+                         const std::vector<std::string> & gen_stop, bool parse_special,
+                         const std::vector<std::pair<llama_token, float>> & logit_bias) {
                  if (prompts.size() != choices.size()) {
                      throw py::value_error("prompts and choices differ in length");
                  }
@@ -123,10 +127,12 @@ PYBIND11_MODULE(_core, m) {
                  opt.n_gen         = n_gen;
                  opt.gen_stop      = gen_stop;
                  opt.parse_special = parse_special;
+                 opt.logit_bias    = logit_bias;
                  py::gil_scoped_release release;
                  return c.score(items, opt);
              }, py::arg("prompts"), py::arg("choices"), py::arg("n_gen") = 1,
-             py::arg("gen_stop") = std::vector<std::string>(), py::arg("parse_special") = true)
+             py::arg("gen_stop") = std::vector<std::string>(), py::arg("parse_special") = true,
+             py::arg("logit_bias") = std::vector<std::pair<llama_token, float>>())
         .def("logits", [](zt::context & c, const std::vector<llama_token> & tokens) {
                  const int32_t n_vocab = c.get_model().info().n_vocab;
                  std::vector<float> v;

@@ -254,6 +254,34 @@ static double log_sum_exp(const float * x, int32_t n) {
     return r.max + std::log(r.sum);
 }
 
+// the greedy token under a logit bias (sorted by token): the first maximum of x[t] + bias(t)
+static llama_token biased_argmax(const float * x, int32_t n, const std::vector<std::pair<llama_token, float>> & bias) {
+    auto biased = [&](llama_token t) {
+        auto it = std::lower_bound(bias.begin(), bias.end(), std::make_pair(t, -INFINITY));
+        return it != bias.end() && it->first == t ? it : bias.end();
+    };
+    llama_token am = -1;
+    float best = -INFINITY;
+    for (int32_t t = 0; t < n; ++t) {
+        if (x[t] > best || am < 0) {
+            const auto it = biased(t);
+            const float v = it == bias.end() ? x[t] : x[t] + it->second;
+            if (v > best || am < 0) {
+                best = v;
+                am = t;
+            }
+        }
+    }
+    // a biased token whose raw logit was not above the running maximum may still win with its bias
+    for (const auto & [t, b] : bias) {
+        if (t >= 0 && t < n && (x[t] + b > best || (x[t] + b == best && t < am))) {
+            best = x[t] + b;
+            am = t;
+        }
+    }
+    return am < 0 ? 0 : am;
+}
+
 static size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b) {
     size_t i = 0;
     while (i < a.size() && i < b.size() && a[i] == b[i]) {
@@ -620,6 +648,30 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
             stops.push_back(lower(s));
         }
     }
+    // sorted by token, one entry a token (the biases of a token named twice add up, as in llama.cpp)
+    std::vector<std::pair<llama_token, float>> logit_bias;
+    for (const auto & [t, b] : opt.logit_bias) {
+        if (t < 0 || t >= n_vocab) {
+            throw error("logit bias for token " + std::to_string(t) + ", outside the vocabulary [0, " +
+                    std::to_string(n_vocab) + ")");
+        }
+        if (!std::isfinite(b)) {
+            throw error("logit bias for token " + std::to_string(t) + " is not finite");
+        }
+        logit_bias.emplace_back(t, b);
+    }
+    std::sort(logit_bias.begin(), logit_bias.end());
+    {
+        std::vector<std::pair<llama_token, float>> merged;
+        for (const auto & e : logit_bias) {
+            if (!merged.empty() && merged.back().first == e.first) {
+                merged.back().second += e.second;
+            } else {
+                merged.push_back(e);
+            }
+        }
+        logit_bias.swap(merged);
+    }
 
     // the next-token distribution after the whole prompt: entropies and the first generated token
     auto on_prompt_end = [&](plan & p, const float * x) {
@@ -627,14 +679,29 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
         p.out->entropy_full = st.entropy;
 
         std::vector<llama_token> firsts;
-        for (const auto & w : p.whole) {
+        p.out->choice_next_token.assign(p.whole.size(), -1);
+        p.out->choice_next_logprob.assign(p.whole.size(), -INFINITY);
+        for (size_t c = 0; c < p.whole.size(); ++c) {
+            const auto & w = p.whole[c];
             // on a token merge (b < |P|) the first choice token is not a continuation of the full prompt
             if ((int32_t) w.size() > (int32_t) p.prompt.size() && common_prefix(p.prompt, w) == p.prompt.size()) {
-                firsts.push_back(w[p.prompt.size()]);
+                const llama_token t = w[p.prompt.size()];
+                firsts.push_back(t);
+                p.out->choice_next_token[c] = t;
+                p.out->choice_next_logprob[c] = (double) x[t] - st.lse;
             }
         }
         std::sort(firsts.begin(), firsts.end());
         firsts.erase(std::unique(firsts.begin(), firsts.end()), firsts.end());
+        {
+            float other = -INFINITY;
+            for (int32_t t = 0; t < n_vocab; ++t) {
+                if (x[t] > other && !std::binary_search(firsts.begin(), firsts.end(), t)) {
+                    other = x[t];
+                }
+            }
+            p.out->other_next_logprob = (double) other - st.lse;
+        }
         if (firsts.size() > 1) {
             std::vector<float> sub;
             for (llama_token t : firsts) {
@@ -644,7 +711,7 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
         }
 
         if (opt.n_gen > 0) {
-            p.out->gen_tokens.push_back(st.argmax);
+            p.out->gen_tokens.push_back(logit_bias.empty() ? st.argmax : biased_argmax(x, n_vocab, logit_bias));
             p.generating = true;
         }
     };
@@ -767,6 +834,10 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
             s.n      = 1;
             s.outputs = { 0 };
             s.on_logits = [&, p](int32_t, const float * x) {
+                if (!logit_bias.empty()) {
+                    p->out->gen_tokens.push_back(biased_argmax(x, n_vocab, logit_bias));
+                    return;
+                }
                 llama_token am = 0;
                 for (int32_t t = 1; t < n_vocab; ++t) {
                     if (x[t] > x[am]) {

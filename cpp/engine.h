@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zt {
@@ -79,6 +80,9 @@ struct score_options {
     int32_t n_gen = 1;                   // greedy tokens generated after the prompt (0: none)
     std::vector<std::string> gen_stop;   // stop generating an item once its text contains one (case-insensitive)
     bool parse_special = true;           // tokenize special-token text in prompts (as llama.cpp tools do)
+    // added to these tokens' logits before every greedy choice of the generation (llama.cpp's --logit-bias);
+    // the reported log-probabilities are those of the model, without it
+    std::vector<std::pair<llama_token, float>> logit_bias;
 };
 
 struct item_score {
@@ -87,6 +91,12 @@ struct item_score {
     std::vector<double>  choice_first_logprob; // log p(first choice token | prompt)
     double entropy_full    = 0.0; // entropy (nats) of the next-token distribution after the prompt
     double entropy_choices = 0.0; // the same, renormalised over the choices' distinct first tokens
+    // the token each choice continues the whole prompt with (-1 on a token merge) and its log p after the
+    // prompt; the largest log p of any token that starts no choice (what a logit bias on the choices'
+    // first tokens must beat for the greedy continuation to start a choice)
+    std::vector<llama_token> choice_next_token;
+    std::vector<double> choice_next_logprob;
+    double other_next_logprob = 0.0;
     std::vector<llama_token> gen_tokens;
     std::string gen_text;
     int32_t n_prompt_tokens = 0;

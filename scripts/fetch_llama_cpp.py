@@ -17,14 +17,18 @@ script with a message naming it.
 from __future__ import annotations
 
 import argparse
+import configparser
 import hashlib
+import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 SDIST_NAME = "llama-cpp-python"
@@ -81,7 +85,9 @@ def _outer_pip_env() -> dict[str, str]:
 def _pip_download(dest: str) -> str | None:
     """Download the sdist into dest with the user's pip. Returns None on success, else why it failed."""
     env = _outer_pip_env()
-    probe = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True, env=env)
+    probe = subprocess.run(
+        [sys.executable, "-m", "pip", "--version"], capture_output=True, text=True, env=env
+    )
     if probe.returncode != 0:
         return "no pip in this interpreter"
     # only this package from source; pip prepares its metadata in its own isolated environment, with
@@ -107,14 +113,18 @@ def _pip_download(dest: str) -> str | None:
 
 
 def _index_url() -> str:
-    """PIP_INDEX_URL, else index-url from the pip configuration files, else PyPI (for a pip-less interpreter)."""
+    """PIP_INDEX_URL, else index-url from the pip configuration files, else PyPI (pip-less interpreters)."""
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"].split()[0]
-    import configparser
-
-    files = ["/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.pip/pip.conf"),
-             os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pip", "pip.conf"),
-             os.path.join(sys.prefix, "pip.conf"), os.environ.get("PIP_CONFIG_FILE") or ""]
+    user_config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    files = [
+        "/etc/pip.conf",
+        "/etc/xdg/pip/pip.conf",
+        os.path.expanduser("~/.pip/pip.conf"),
+        os.path.join(user_config, "pip", "pip.conf"),
+        os.path.join(sys.prefix, "pip.conf"),
+        os.environ.get("PIP_CONFIG_FILE") or "",
+    ]
     url = "https://pypi.org/simple"
     for f in files:
         cp = configparser.ConfigParser()
@@ -130,10 +140,6 @@ def _index_url() -> str:
 
 def _direct_download(dest: str) -> str | None:
     """Fetch the sdist from the index's simple API (PEP 691 JSON) without pip. None on success."""
-    import json
-    import ssl
-    import urllib.request
-
     base = _index_url().rstrip("/")
     cafile = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or None
     ctx = ssl.create_default_context(cafile=cafile)
@@ -145,9 +151,10 @@ def _direct_download(dest: str) -> str | None:
         with opener.open(req, timeout=120) as r:
             files = json.load(r)["files"]
         url = next(f["url"] for f in files if f["filename"] == SDIST_FILE)
-        with opener.open(urllib.parse.urljoin(f"{base}/{SDIST_NAME}/", url), timeout=600) as r, open(
-            Path(dest) / SDIST_FILE, "wb"
-        ) as out:
+        with (
+            opener.open(urllib.parse.urljoin(f"{base}/{SDIST_NAME}/", url), timeout=600) as r,
+            open(Path(dest) / SDIST_FILE, "wb") as out,
+        ):
             shutil.copyfileobj(r, out)
     except (OSError, ValueError, KeyError, StopIteration) as e:
         return f"{base}: {type(e).__name__}: {e}"

@@ -285,3 +285,49 @@ def test_fit_n_ctx_sizes_the_cache_to_the_items(tmp_path: Path) -> None:
     assert fit_n_ctx(small, huge, 32) == 1024
     ctx = Context(model, n_ctx=n, n_threads=1)
     assert len(ctx.score(long_items[:8], n_gen=4)) == 8
+
+
+def test_logit_bias_and_next_token_figures_against_single_sequence_decodes(tiny: Path) -> None:
+    """With a logit bias every greedy step is argmax(logits + bias) of the single-sequence logits (what
+    llama.cpp's --logit-bias does); the reported log-probs stay the model's; choice_next_logprob and
+    other_next_logprob are the log-softmax of the prompt's last logits at the choices' first tokens and the
+    largest over every other token."""
+    model = Model(tiny)
+    rng = np.random.default_rng(31)
+    items = _items(rng, 12)
+    ctx = Context(model, n_threads=1)
+    alone = Context(model, n_threads=1)
+    plain = ctx.score(items, n_gen=4)
+    # bias the plain continuation's second-ranked first tokens up, so that the bias changes the output
+    firsts = []
+    for it in items[:3]:
+        logits = alone.logits(model.tokenize(it.prompt))[-1]
+        firsts.append(int(np.argsort(logits)[-2]))
+    lb = [(t, 3.0) for t in dict.fromkeys(firsts)] + [(int(plain[0].gen_tokens[0]), -1.5)]
+    biased = ctx.score(items, n_gen=4, logit_bias=lb)
+    vec = np.zeros(model.n_vocab)
+    for t, b in lb:
+        vec[t] += b
+    changed = 0
+    for it, p, s in zip(items, plain, biased):
+        prompt = model.tokenize(it.prompt)
+        gen: list[int] = []
+        for _ in range(4):
+            gen.append(int(np.argmax(alone.logits(prompt + gen)[-1].astype(np.float64) + vec)))
+        assert s.gen_tokens == gen[: len(s.gen_tokens)] and len(s.gen_tokens) >= 1
+        changed += s.gen_tokens != p.gen_tokens
+        np.testing.assert_allclose(s.choice_logprob, p.choice_logprob, atol=ATOL)  # the model's own
+        last = _log_softmax(alone.logits(prompt))[-1]
+        wholes = [model.tokenize(it.prompt + c) for c in it.choices]
+        starts = {w[len(prompt)] for w in wholes if w[: len(prompt)] == prompt and len(w) > len(prompt)}
+        for c, w in enumerate(wholes):
+            if w[: len(prompt)] == prompt and len(w) > len(prompt):
+                assert p.choice_next_token[c] == w[len(prompt)]
+                assert p.choice_next_logprob[c] == pytest.approx(last[w[len(prompt)]], abs=ATOL)
+            else:
+                assert p.choice_next_token[c] == -1 and p.choice_next_logprob[c] == -np.inf
+        others = np.delete(last, sorted(starts))
+        assert p.other_next_logprob == pytest.approx(others.max(), abs=ATOL)
+    assert changed >= 3
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        ctx.score(items[:1], n_gen=2, logit_bias=[(model.n_vocab, 1.0)])

@@ -136,12 +136,17 @@ def test_objective_registry() -> None:
         "neg-entropy-full",
         "neg-entropy-choices",
         "mutual-information",
+        "bc-accuracy-choice",
+        "bc-logprob",
+        "bc-mutual-information",
     }
     for name, obj in OBJECTIVES.items():
         fn, needs_labels, description = obj[:3]
         assert callable(fn) and description
-        assert needs_labels == (name.startswith("accuracy") or name == "logprob")
-        assert (obj.per_item is None) == (name == "mutual-information")
+        plain = name.removeprefix("bc-")
+        assert needs_labels == (plain.startswith("accuracy") or plain == "logprob")
+        # not a mean of per-item values: mutual information, and everything judged after Batch Calibration
+        assert (obj.per_item is None) == (name == "mutual-information" or name.startswith("bc-"))
     with pytest.raises(ValueError, match="unknown objective"):
         get_objective("accuracy")
 

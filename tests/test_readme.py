@@ -41,6 +41,36 @@ def _commands() -> list[str]:
     return cmds
 
 
+def setup_commands() -> list[str]:
+    """The bash blocks of the README's "Set up on a fresh machine" section, one command each."""
+    text = README.read_text()
+    section = text.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_ci_runs_the_readme_setup_commands_verbatim() -> None:
+    """CI (.ci/run) runs the README's two set-up commands letter for letter, the install first, each on a
+    line of its own; the install in a fresh venv, empty fetch and pip caches, default build isolation."""
+    cmds = setup_commands()
+    assert len(cmds) == 2 and all("\n" not in c for c in cmds), cmds
+    install, tests = cmds
+    assert install.startswith("pip install ") and "zt-gguf demo" in install
+    assert "--no-build-isolation" not in install
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    code = [line.strip() for line in ci if not line.lstrip().startswith("#")]
+    assert install in code and tests in code, (install, tests)
+    at_install, at_tests = code.index(install), code.index(tests)
+    assert at_install < at_tests
+    before = "\n".join(code[:at_install])
+    # a fresh venv, activated, and empty caches for the fetch and pip (nothing pre-seeded but ccache)
+    assert re.search(r"python3 -m venv (\S+)", before) and "/bin/activate" in before
+    assert "ZT_GGUF_CACHE=" in before and "PIP_CACHE_DIR=" in before
+    assert "PIP_NO_BUILD_ISOLATION" not in "\n".join(code)
+    # the test script builds the package the way pip does by default, too
+    script = (README.parent / "scripts" / "test.sh").read_text()
+    assert "--no-build-isolation" not in script
+
+
 def _exe() -> str:
     exe = shutil.which("zt-gguf")
     assert exe, "the zt-gguf console script is not on PATH"

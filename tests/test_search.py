@@ -480,3 +480,63 @@ def test_context_scorer() -> None:
     bias = np.full(model.shape, 0.5, np.float32)
     out = scorer(bias, model.items)
     assert len(out) == 4 and ctx.bias is not None and np.all(ctx.bias == 0.5)
+
+
+# --- events: the plan, the time estimate, the current candidate, no discrimination -------------------------
+
+
+def _events(model: FakeModel, config: SearchConfig) -> tuple[SearchResult, list[tuple[str, dict]]]:
+    events: list[tuple[str, dict]] = []
+    result = search(model, model.items, model.shape, config, events=lambda n, d: events.append((n, d)))
+    return result, events
+
+
+def test_events_plan_estimate_and_candidates() -> None:
+    model = FakeModel(n_items=50)
+    cfg = SearchConfig(method="bands", objective="accuracy-choice", budget=4, chunk_size=20)
+    result, events = _events(model, cfg)
+    names = [n for n, _ in events]
+    assert names[0] == "plan" and names[1] == "candidate" and names[2] == "estimate"
+    plan = events[0][1]
+    # baseline + 2 probes a head + the larger grid + the budget: never fewer than were scored
+    assert plan["n_candidates"] == 1 + 2 * N_HEAD + max(len(cfg.grid_up), len(cfg.grid_down)) + 4
+    assert plan["n_candidates"] >= result.n_evaluations
+    assert (plan["n_items"], plan["n_chunks"], plan["chunk_size"]) == (50, 3, 20)
+    est = events[2][1]
+    assert est["chunk_s"] >= 0
+    assert est["estimate_s"] == pytest.approx(est["chunk_s"] * 3 * plan["n_candidates"])
+    assert names.count("estimate") == 1
+    # every distinct candidate is announced, first the baseline, in the order the result lists them
+    announced = [d["description"] for n, d in events if n == "candidate"]
+    assert announced[0] == "baseline"
+    assert list(dict.fromkeys(announced)) == [c.description for c in result.candidates]
+    assert "no_discrimination" not in names  # the planted heads change the accuracy
+
+
+def test_events_no_discrimination_when_every_candidate_scores_the_same() -> None:
+    """A generation that never names a label: accuracy-generate is 0 for every candidate on every item."""
+    model = FakeModel(n_items=40)
+
+    def mute(bias: np.ndarray, items: Sequence[Item]) -> list[FakeScores]:
+        out = model(bias, items)
+        for s in out:
+            s.gen_text = " and then"
+        return out
+
+    events: list[tuple[str, dict]] = []
+    search(
+        mute,
+        model.items,
+        model.shape,
+        SearchConfig(objective="accuracy-generate", chunk_size=10),
+        events=lambda n, d: events.append((n, d)),
+    )
+    warned = [d for n, d in events if n == "no_discrimination"]
+    assert len(warned) == 1 and warned[0]["n_items"] == 10
+    # it comes early: before the sixth candidate is announced
+    idx = [n for n, _ in events].index("no_discrimination")
+    assert sum(1 for n, _ in events[:idx] if n == "candidate") == 5
+
+    # the same search with choice accuracy, which does discriminate: no warning
+    _, events = _events(model, SearchConfig(objective="accuracy-choice", chunk_size=10))
+    assert "no_discrimination" not in [n for n, _ in events]

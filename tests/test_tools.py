@@ -430,6 +430,48 @@ def test_completion_greedy_text_equals_engine(llama: Tiny) -> None:
     assert run(llama.plain.path, "--attn-ftb", str(llama.bias_json_list)) == want_on
 
 
+def test_completion_logit_bias_args_equal_engine(llama: Tiny) -> None:
+    """The --logit-bias arguments zt-gguf prints for a fitted logit bias (baselines.LogitBias.cli_args) make
+    llama-completion generate what the engine generates with the same bias, on a tuned file: the engine
+    batched (Context.score(logit_bias=...)) and single-sequence decodes with the bias added in NumPy agree."""
+    from zt_gguf.baselines import LogitBias
+    from zt_gguf.tasks import Item
+
+    n_predict = 6
+    on = _engine(llama.tuned.path)
+    rng = np.random.default_rng(17)
+    for _ in range(50):
+        prompt = _words(rng, int(rng.integers(3, 9)))
+        tokens = on.model.tokenize(prompt)
+        logits = on.logits(tokens)[-1].astype(np.float64)
+        order = np.argsort(logits)
+        lb = LogitBias([int(order[-3]), int(order[-1])], [2.5, -1.0], [[0], [1]])
+        vec = np.zeros(len(logits))
+        for t, b in lb.pairs():
+            vec[t] = b
+        out, gen, gap, end = b"", [], np.inf, False
+        for _ in range(n_predict):
+            z = on.logits(tokens + gen)[-1].astype(np.float64) + vec
+            top2 = np.sort(z)[-2:]
+            gap = min(gap, float(top2[1] - top2[0]))
+            nxt = int(np.argmax(z))
+            if nxt == llama.tokenizer.eos_id:
+                out, end = out + b" [end of text]\n", True
+                break
+            out += _piece(llama.tokenizer, nxt)
+            gen.append(nxt)
+        if gen and gen[0] != int(order[-1]) and gap > 10 * ATOL:
+            break
+    else:
+        pytest.fail("no prompt whose greedy continuation the logit bias changes without a near-tie")
+    args = lb.cli_args()
+    assert args == ["--logit-bias", f"{order[-3]}+2.5", "--logit-bias", f"{order[-1]}-1"]
+    assert _run_completion(llama.tuned.path, prompt, n_predict, "-fa", "off", *args) == out
+    batched = on.score([Item(prompt=prompt, choices=(" cat", " dog"), answer=0, id="p")], n_gen=n_predict,
+                       logit_bias=lb.pairs())[0]  # fmt: skip
+    assert batched.gen_tokens == gen + ([llama.tokenizer.eos_id] if end else [])
+
+
 @pytest.mark.parametrize("case", ["short", "nan", "missing", "not-json", "nested-ok"])
 def test_attn_ftb_file_errors_stop_the_tool(llama: Tiny, tmp_path: Path, case: str) -> None:
     """A --attn-ftb file that cannot be applied fails the context: the tool exits non-zero naming the file."""

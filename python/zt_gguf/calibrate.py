@@ -9,6 +9,7 @@ A gain is never reported on the items used to choose: the held-out part is score
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, gguf_meta, metrics
+from . import __version__, baselines, gguf_meta, metrics
 from .engine import Context, Model, fit_n_ctx
-from .search import SearchConfig, SearchResult, context_scorer, search
+from .search import SearchConfig, SearchResult, bias_hash, search
 from .tasks import Item, Task, split_items
 
 MIN_SUPERVISED_ITEMS = 20
+# --scoring auto takes "generate" when the untuned model names a label in more than this share of its greedy
+# continuations of the first chunk of calibration items, else "choice" (a base model that continues with
+# anything but a label word would score 0 on every candidate: Gemma 3 270M names none on 5 of our 6 tasks)
+AUTO_MIN_VALID = 0.5
+SCORINGS = ("auto", "generate", "choice")
 MIN_CHECK_ITEMS = 24  # labelled items for a held-out check of an unsupervised pick
 
 # which objective a mode and scoring calibrate for, unless one is named. Unsupervised: mutual information,
@@ -42,13 +48,15 @@ class CalibrationError(ValueError):
     pass
 
 
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
+# progress(stage, total) -> update(done, note): one bar per stage; note names the current candidate
+ProgressFactory = Callable[[str, int], Callable[[int, str | None], None]]
+Log = Callable[[str], None]  # an informational line for the user (stderr in the CLI)
 
 
 @dataclass
 class CalibrateOptions:
     mode: str = "auto"  # auto | supervised | unsupervised
-    scoring: str = "generate"  # generate | choice
+    scoring: str = "auto"  # auto | generate | choice (auto: see AUTO_MIN_VALID)
     objective: str | None = None  # None: DEFAULT_OBJECTIVE
     n_gen: int = 4  # greedy tokens generated for the "generate" scoring
     holdout: float = 0.3
@@ -74,6 +82,7 @@ class HeldOut:
 class Outcome:
     mode: str
     scoring: str
+    scoring_reason: str  # why this scoring (the user's choice, or what auto measured)
     objective: str
     result: SearchResult
     heldout: HeldOut | None
@@ -83,6 +92,7 @@ class Outcome:
     not_written_reason: str | None
     warnings: list[str]
     timings: dict[str, float]
+    comparison: baselines.Comparison | None = None  # the output-side baselines on the held-out items
 
 
 def _label_words(items: Sequence[Item]) -> list[str]:
@@ -102,6 +112,67 @@ def _correct(results: list[metrics.ItemResult], items: Sequence[Item], scoring: 
     return np.array([r.choice_pred == it.answer for r, it in zip(results, items)], dtype=np.float64)
 
 
+def choose_scoring(
+    ctx: Any, items: Sequence[Item], n_gen: int, stops: Sequence[str], max_valid: float = AUTO_MIN_VALID
+) -> tuple[str, str, float]:
+    """--scoring auto: generate greedily for the items with the bias off; (scoring, reason, valid share)."""
+    ctx.set_bias(None)
+    res = metrics.item_results(ctx.score(items, n_gen=n_gen, gen_stop=stops), items)
+    valid = float(np.mean([r.gen_pred is not None for r in res])) if res else 0.0
+    what = f"the untuned model names a label in {100 * valid:.0f}% of {len(res)} greedy continuations"
+    if valid > max_valid:
+        return "generate", f"{what} (> {100 * max_valid:.0f}%)", valid
+    return (
+        "choice",
+        f"{what}; generate scoring would count the rest as wrong, so the most likely choice is scored",
+        valid,
+    )
+
+
+class MemoScorer:
+    """Scores items under a bias (None or zeros: off) and a logit bias, each (bias, item) once per run.
+
+    The search, the held-out check and the baselines ask for the same (bias, item) pairs again (the baseline
+    and the pick on the calibration items, for instance); the cache answers those."""
+
+    def __init__(self, ctx: Any, n_gen: int, stops: Sequence[str]) -> None:
+        self.ctx, self.n_gen, self.stops = ctx, n_gen, list(stops)
+        self.cache: dict[tuple[str, tuple[tuple[int, float], ...], str, str], Any] = {}
+
+    def __call__(
+        self, bias: np.ndarray | None, items: Sequence[Item], logit_bias: Sequence[tuple[int, float]] = ()
+    ) -> list[Any]:
+        bkey = "off" if bias is None or not np.any(bias) else bias_hash(bias)
+        lb = tuple((int(t), float(b)) for t, b in logit_bias)
+        keys = [(bkey, lb, it.id, it.prompt) for it in items]
+        missing = [it for it, k in zip(items, keys) if k not in self.cache]
+        if missing:
+            self.ctx.set_bias(None if bias is None else np.asarray(bias, np.float32))
+            out = self.ctx.score(missing, n_gen=self.n_gen, gen_stop=self.stops, logit_bias=lb)
+            for it, sc in zip(missing, out):
+                self.cache[(bkey, lb, it.id, it.prompt)] = sc
+        return [self.cache[k] for k in keys]
+
+
+def content_free_items(task: Task, items: Sequence[Item]) -> list[Item]:
+    """Contextual Calibration's prompts, with the task's shared choices (none without a shared template)."""
+    if not task.content_free or not items:
+        return []
+    return [
+        Item(prompt=p, choices=items[0].choices, answer=None, id=f"content-free:{cf}")
+        for cf, p in task.content_free.items()
+    ]
+
+
+def _use_instead(row: baselines.Row) -> str:
+    c = row.correction
+    if c is None:
+        return "the untuned model as it is"
+    if isinstance(c, baselines.LogitBias):
+        return "the untuned model with " + " ".join(c.cli_args())
+    return f"the untuned model with the {baselines.describe(row.key).split(' + ')[1]} offset on the choices"
+
+
 def scorer_id(model_path: Path, scoring: str, n_gen: int) -> str:
     st = model_path.stat()
     h = hashlib.sha256(f"{model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -116,10 +187,23 @@ def calibrate(
     output: Path | None,
     checkpoint: Path | None = None,
     progress: ProgressFactory | None = None,
+    log: Log | None = None,
 ) -> Outcome:
-    """Run the calibration; write the tuned GGUF to output when it is better on held-out items (or forced)."""
+    """Run the calibration; write the tuned GGUF to output when it is better on held-out items (or forced).
+
+    log(line), when given, receives what the run decided and expects before the search (the scoring and
+    why, the number of candidates, the time estimate from the first chunk) and early warnings."""
     t0 = time.monotonic()
     warnings: list[str] = []
+
+    def say(line: str) -> None:
+        if log is not None:
+            log(line)
+
+    def warn(line: str) -> None:
+        warnings.append(line)
+        say(f"warning: {line}")
+
     info = gguf_meta.read_model_info(model_path)
     if info.bias_problem:
         warnings.append(f"{model_path}: its stored first-token bias is ignored: {info.bias_problem}")
@@ -130,12 +214,14 @@ def calibrate(
         mode = "supervised" if task.has_answers else "unsupervised"
     if mode not in ("supervised", "unsupervised"):
         raise CalibrationError(f"unknown mode {mode!r}")
-    if options.scoring not in ("generate", "choice"):
+    if options.scoring not in SCORINGS:
         raise CalibrationError(f"unknown scoring {options.scoring!r}")
-    objective = options.objective or DEFAULT_OBJECTIVE[(mode, options.scoring)]
-    obj = metrics.get_objective(objective)
-    if mode == "unsupervised" and obj.needs_labels:
-        raise CalibrationError(f"objective {objective!r} needs labels; unsupervised mode cannot use it")
+    if options.objective is not None:
+        obj = metrics.get_objective(options.objective)
+        if mode == "unsupervised" and obj.needs_labels:
+            raise CalibrationError(
+                f"objective {options.objective!r} needs labels; unsupervised mode cannot use it"
+            )
 
     if mode == "supervised":
         if not task.has_answers:
@@ -162,20 +248,51 @@ def calibrate(
         raise CalibrationError(f"{task.path}: no items left for calibration")
 
     model = Model(model_path)
-    n_gen = options.n_gen if options.scoring == "generate" else 1
+    n_gen = options.n_gen if options.scoring != "choice" else 1
     n_ctx = options.n_ctx or fit_n_ctx(model, [*calib, *held], options.search.chunk_size, n_gen)
     ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx, flash_attn=options.flash_attn)
     stops = _label_words(items)
-    scorer = context_scorer(ctx, n_gen=n_gen, gen_stop=stops)
+    scoring, scoring_reason = options.scoring, "as asked (--scoring)"
+    if scoring == "auto":
+        scoring, scoring_reason, _ = choose_scoring(ctx, calib[: options.search.chunk_size], n_gen, stops)
+    if scoring == "choice":
+        n_gen = 1
+    say(f"scoring: {scoring} ({scoring_reason})")
+    objective = options.objective or DEFAULT_OBJECTIVE[(mode, scoring)]
+    memo = MemoScorer(ctx, n_gen, stops)
+
+    def scorer(bias: np.ndarray, chunk: Sequence[Item]) -> list[Any]:
+        return memo(bias, chunk)
+
+    current: list[Any] = [None, None, None]  # stage, update, current candidate
 
     def search_progress(stage: str, done: int, total: int) -> None:
         if progress is not None:
-            nonlocal current
-            if current is None or current[0] != stage:
-                current = (stage, progress(stage, total))
-            current[1](done)
+            if current[0] != stage:
+                current[0], current[1] = stage, progress(stage, total)
+            current[1](done, current[2])
 
-    current: tuple[str, Callable[[int], None]] | None = None
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        if name == "candidate":
+            current[2] = data["description"]
+        elif name == "plan":
+            say(
+                f"search {options.search.method}: up to {data['n_candidates']} candidates on "
+                f"{data['n_items']} calibration items ({data['n_chunks']} chunks of {data['chunk_size']}), "
+                f"objective {objective}"
+            )
+        elif name == "estimate":
+            say(
+                f"first chunk scored in {data['chunk_s']:.1f} s: the search takes up to "
+                f"{_duration(data['estimate_s'])} (less when early stopping drops candidates)"
+            )
+        elif name == "no_discrimination":
+            warn(
+                f"the first {data['n_candidates']} candidates score exactly the same on the first "
+                f"{data['n_items']} items: {scoring} scoring with objective {objective} cannot tell them "
+                "apart on this model and task (try --scoring choice, or --objective logprob)"
+            )
+
     config = SearchConfig(**{**options.search.__dict__, "objective": objective})
     t1 = time.monotonic()
     result = search(
@@ -185,7 +302,8 @@ def calibrate(
         config,
         checkpoint=checkpoint,
         progress=search_progress,
-        scorer_id=scorer_id(model_path, options.scoring, n_gen),
+        scorer_id=scorer_id(model_path, scoring, n_gen),
+        events=on_event,
     )
     t_search = time.monotonic() - t1
 
@@ -196,10 +314,10 @@ def calibrate(
         tick = progress("held-out", 2) if progress else None
         base_scores = scorer(np.zeros(model.bias_shape, np.float32), held)
         if tick:
-            tick(1)
+            tick(1, "baseline")
         tuned_scores = scorer(result.bias, held)
         if tick:
-            tick(2)
+            tick(2, "tuned")
         base_sum, base_res = _summaries(base_scores, held)
         tuned_sum, tuned_res = _summaries(tuned_scores, held)
         base_c = {s: _correct(base_res, held, s) for s in ("generate", "choice")}
@@ -209,13 +327,38 @@ def calibrate(
             d, lo, hi = metrics.paired_bootstrap_delta(base_c[s], tuned_c[s], seed=options.seed)
             delta[s] = {"delta": d, "lo": lo, "hi": hi}
         heldout = HeldOut(n=len(held), baseline=base_sum, tuned=tuned_sum, delta=delta)
-        improved = bool(delta[options.scoring]["delta"] > 0)
-        other = "choice" if options.scoring == "generate" else "generate"
+        improved = bool(delta[scoring]["delta"] > 0)
+        other = "choice" if scoring == "generate" else "generate"
         if delta[other]["delta"] < 0:
             warnings.append(
                 f"the tuned biases LOWER held-out {other} accuracy by "
-                f"{-100 * delta[other]['delta']:.1f} points (calibrated for {options.scoring})"
+                f"{-100 * delta[other]['delta']:.1f} points (calibrated for {scoring})"
             )
+    comparison: baselines.Comparison | None = None
+    if held:
+        comparison = baselines.run_comparison(
+            memo,
+            calib,
+            held,
+            content_free_items(task, items),
+            result.bias,
+            supervised=mode == "supervised",
+            scoring=scoring,
+            objective=objective,
+            seed=options.seed,
+        )
+        v = comparison.verdict if comparison else None
+        if v is not None:
+            if v.beats:
+                improved = True
+            else:
+                improved = False
+                warn(
+                    f"a free output-side correction does as well as ZeroTuning on the held-out items: "
+                    f"{baselines.describe(v.best_free.key)} {100 * v.best_free.accuracy:.1f}% vs "
+                    f"{baselines.describe(v.shipped.key)} {100 * v.shipped.accuracy:.1f}% "
+                    f"({_fmt_delta(v.delta)}); use {_use_instead(v.best_free)}"
+                )
     t_heldout = time.monotonic() - t2
 
     tuned_is_baseline = not np.any(result.bias)
@@ -224,16 +367,23 @@ def calibrate(
     if tuned_is_baseline:
         reason = "the search kept the baseline (no candidate beat it on the calibration items)"
     elif improved is False and not options.force:
+        v = comparison.verdict if comparison else None
         reason = (
             "the tuned model is not better than the baseline on the held-out items (use --force to write it)"
+            if v is None
+            else f"{baselines.describe(v.best_free.key)} is at least as good on the held-out items "
+            f"({100 * v.best_free.accuracy:.1f}% vs {100 * v.shipped.accuracy:.1f}%): use "
+            f"{_use_instead(v.best_free)} (or --force to write the tuned file)"
         )
     if output is not None and reason is None:
-        provenance = provenance_of(task, mode, options, objective, result, heldout, len(calib))
+        provenance = provenance_of(task, mode, options, scoring, objective, result, heldout, len(calib))
+        provenance.update(comparison_provenance(comparison))
         written = gguf_meta.write_tuned(model_path, output, result.bias, provenance)
 
     return Outcome(
         mode=mode,
-        scoring=options.scoring,
+        scoring=scoring,
+        scoring_reason=scoring_reason,
         objective=objective,
         result=result,
         heldout=heldout,
@@ -243,13 +393,43 @@ def calibrate(
         not_written_reason=reason if output is not None else "no output requested",
         warnings=warnings,
         timings={"search_s": t_search, "heldout_s": t_heldout, "total_s": time.monotonic() - t0},
+        comparison=comparison,
     )
+
+
+def comparison_provenance(comparison: baselines.Comparison | None) -> dict[str, str | float]:
+    """The zerotuning.* keys of the shipped output correction and the best free baseline."""
+    if comparison is None or comparison.verdict is None:
+        return {}
+    v = comparison.verdict
+    out: dict[str, str | float] = {
+        "shipped": comparison.shipped,
+        "best_free_baseline": v.best_free.key,
+        "best_free_accuracy": float(v.best_free.accuracy),
+        "shipped_accuracy": float(v.shipped.accuracy),
+    }
+    c = comparison.shipped_correction
+    if isinstance(c, baselines.LogitBias):
+        out["logit_bias"] = json.dumps(c.to_dict())
+        out["logit_bias_args"] = " ".join(c.cli_args())
+    elif isinstance(c, baselines.Correction):
+        out["choice_correction"] = json.dumps(c.to_dict())
+    return out
+
+
+def _fmt_delta(d: dict[str, float]) -> str:
+    return f"delta {100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] points"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def provenance_of(
     task: Task,
     mode: str,
     options: CalibrateOptions,
+    scoring: str,
     objective: str,
     result: SearchResult,
     heldout: HeldOut | None,
@@ -260,7 +440,7 @@ def provenance_of(
         "mode": mode,
         "search": result.method,
         "objective": objective,
-        "scoring": options.scoring,
+        "scoring": scoring,
         "task_file": task.path.name,
         "task_sha256": task.sha256,
         "n_calibration": n_calibration,
@@ -272,7 +452,7 @@ def provenance_of(
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     }
     if heldout is not None:
-        key = f"accuracy_{options.scoring}"
+        key = f"accuracy_{scoring}"
         prov["baseline_accuracy"] = float(heldout.baseline[key])
         prov["tuned_accuracy"] = float(heldout.tuned[key])
     return prov

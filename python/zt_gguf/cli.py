@@ -39,8 +39,8 @@ def _fail(e: BaseException) -> UserError:
     return UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
-def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], None]] | None:
-    """tqdm bars (with the time left) on stderr, one per stage."""
+def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int, str | None], None]] | None:
+    """tqdm bars (with the time left) on stderr, one per stage; the note (current candidate) as postfix."""
     if not enabled:
         return None
     from tqdm import tqdm
@@ -55,7 +55,12 @@ def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], Non
         bar = tqdm(total=total, desc=f"{stage:>9}", unit="it", leave=False, dynamic_ncols=True, disable=None)
         bars[stage] = bar
 
-        def update(done: int) -> None:
+        shown: list[str | None] = [None]
+
+        def update(done: int, note: str | None = None) -> None:
+            if note is not None and note != shown[0] and not bar.disable:
+                shown[0] = note
+                bar.set_postfix_str(note, refresh=False)
             bar.update(max(0, done - bar.n))
 
         return update
@@ -190,11 +195,12 @@ def _layers(value: str | None) -> tuple[int, int | None]:
 )
 @click.option(
     "--scoring",
-    type=click.Choice(["generate", "choice"]),
-    default="generate",
+    type=click.Choice(["auto", "generate", "choice"]),
+    default="auto",
     show_default=True,
     help="generate: the first label word in a greedy continuation (what llama-cli gives); "
-    "choice: the most likely choice.",
+    "choice: the most likely choice; auto: generate when the untuned model names a label in most of its "
+    "continuations of the first chunk, else choice.",
 )
 @click.option(
     "--n-gen",
@@ -330,6 +336,12 @@ def calibrate_cmd(
         checkpoint = rdir / "checkpoint.json"
         if no_resume:
             checkpoint.unlink(missing_ok=True)
+        logged_early: list[str] = []
+
+        def log_line(line: str) -> None:
+            logged_early.append(line.removeprefix("warning: "))
+            click.echo(f"zt-gguf: {line}", err=True)
+
         t0 = time.monotonic()
         outcome = calibrate(
             model,
@@ -338,6 +350,7 @@ def calibrate_cmd(
             output=out,
             checkpoint=checkpoint,
             progress=_progress_factory(not quiet and not as_json),
+            log=None if quiet else log_line,
         )
         rep = _report(model, task, opts, outcome, time.monotonic() - t0)
         paths = report.write_report(rdir, rep, outcome.result.bias, title=f"{model.name}: gamma")
@@ -357,7 +370,8 @@ def calibrate_cmd(
         click.echo(report.format_summary(rep))
         click.echo(f"report: {paths['report']}")
     for w in outcome.warnings:
-        click.echo(f"zt-gguf: warning: {w}", err=True)
+        if quiet or w not in logged_early:
+            click.echo(f"zt-gguf: warning: {w}", err=True)
 
 
 def _report(
@@ -378,7 +392,12 @@ def _report(
         },
         mode=o.mode,
         search={"method": r.method, "objective": o.objective, "settings": r.config},
-        scoring={"primary": o.scoring, "n_gen": opts.n_gen},
+        scoring={
+            "primary": o.scoring,
+            "reason": o.scoring_reason,
+            "asked": opts.scoring,
+            "n_gen": opts.n_gen,
+        },
         chosen={
             "type": r.head_type if np.any(r.bias) else "none",
             "heads": r.heads,
@@ -398,6 +417,8 @@ def _report(
             "reason": o.not_written_reason if not o.written else None,
         },
     )
+    if o.comparison is not None:
+        rep.baselines = o.comparison.to_dict()
     if o.heldout is not None:
         rep.baseline = report.heldout_metrics(o.heldout.baseline)
         rep.tuned = report.heldout_metrics(o.heldout.tuned)
@@ -424,6 +445,17 @@ def _report(
     help="Apply these biases instead (a tuned GGUF, a bias GGUF or JSON).",
 )
 @click.option("--n-gen", type=click.IntRange(min=1, max=64), default=4, show_default=True)
+@click.option(
+    "--no-correction",
+    is_flag=True,
+    help="Do not apply the output correction stored with a tuned file (a logit bias or a choice offset).",
+)
+@click.option(
+    "--no-baselines",
+    is_flag=True,
+    help="Skip the output-side baselines (and the untuned model's pass they need when biases are applied).",
+)
+@click.option("--seed", type=int, default=42, show_default=True, help="Of the paired bootstrap intervals.")
 def eval_cmd(
     model: Path,
     task_path: Path,
@@ -437,20 +469,27 @@ def eval_cmd(
     no_bias: bool,
     bias_file: Path | None,
     n_gen: int,
+    no_correction: bool,
+    no_baselines: bool,
+    seed: int,
 ) -> None:
-    """Accuracy of MODEL on a task (both scorings), with 95% intervals, invalid-output rate and items/s.
+    """Accuracy of MODEL on a task (both scorings), with 95% intervals, invalid-output rate and items/s,
+    the output correction stored with a tuned file applied, and the output-side baselines on the same items.
 
     \b
     Example:
       zt-gguf eval tuned.gguf --task data.jsonl
       zt-gguf eval tuned.gguf --task data.jsonl --no-bias --json
     """
+    from . import baselines as bl
+    from .calibrate import content_free_items
     from .engine import Context, Model, fit_n_ctx
 
     try:
         info = _check_model(model)
         task = _load_task(task_path, template, choice_words, max_items, allow_duplicate_choices)
         bias = gguf_meta.read_bias_file(bias_file, info) if bias_file else None
+        source = gguf_meta.read_model_info(bias_file) if bias_file and bias_file.suffix == ".gguf" else info
         m = Model(model)
         ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, EVAL_CHUNK, n_gen))
         if no_bias:
@@ -458,18 +497,40 @@ def eval_cmd(
         elif bias is not None:
             ctx.set_bias(bias)
         applied = ctx.get_bias()
+        correction = None
+        if applied is not None and not no_correction:
+            correction = bl.correction_from_provenance(dict(getattr(source, "provenance", {}) or {}))
         stops = sorted({c.strip() for it in task.items for c in it.choices})
-        t0 = time.monotonic()
-        scores = []
+        stops = stops if len(stops) <= 32 else []
         bar = _progress_factory(not as_json)
-        tick = bar("eval", len(task.items)) if bar else None
-        for i in range(0, len(task.items), EVAL_CHUNK):
-            scores += ctx.score(
-                task.items[i : i + EVAL_CHUNK], n_gen=n_gen, gen_stop=stops if len(stops) <= 32 else []
-            )
-            if tick:
-                tick(len(scores))
+        passes = 1 + isinstance(correction, bl.LogitBias) + (applied is not None and not no_baselines)
+        tick = bar("eval", passes * len(task.items)) if bar else None
+        done = [0]
+
+        def score_all(items: Sequence[tasks.Item], logit_bias: Sequence[tuple[int, float]] = ()) -> list[Any]:
+            out: list[Any] = []
+            for i in range(0, len(items), EVAL_CHUNK):
+                out += ctx.score(
+                    items[i : i + EVAL_CHUNK], n_gen=n_gen, gen_stop=stops, logit_bias=logit_bias
+                )
+                done[0] += len(items[i : i + EVAL_CHUNK])
+                if tick:
+                    tick(done[0], None)
+            return out
+
+        t0 = time.monotonic()
+        scores = score_all(task.items)
         seconds = time.monotonic() - t0
+        cf_items = content_free_items(task, task.items)
+        cf_scores = ctx.score(cf_items, n_gen=1) if cf_items else []
+        corrected = (
+            score_all(task.items, correction.pairs()) if isinstance(correction, bl.LogitBias) else None
+        )
+        untuned = untuned_cf = None
+        if applied is not None and not no_baselines:
+            ctx.set_bias(None)
+            untuned = score_all(task.items)
+            untuned_cf = ctx.score(cf_items, n_gen=1) if cf_items else []
     except (tasks.TaskError, gguf_meta.GGUFMetaError, ValueError, OSError, RuntimeError) as e:
         raise _fail(e) from None
     summary = metrics.summarize(metrics.item_results(scores, task.items), task.items)
@@ -482,7 +543,15 @@ def eval_cmd(
         "mutual_information": summary.mutual_information,
         "items_per_s": len(task.items) / seconds if seconds > 0 else None,
         "seconds": seconds,
+        "correction": None if correction is None else correction.to_dict(),
     }
+    if corrected is not None:
+        cs = metrics.summarize(metrics.item_results(corrected, task.items), task.items)
+        out["corrected"] = report.heldout_metrics(cs)
+    if task.has_answers and not no_baselines:
+        out["baselines"] = _eval_baselines(
+            task.items, scores, cf_scores, untuned, untuned_cf, correction, seed
+        )
     if as_json:
         _emit_json(out)
         return
@@ -491,8 +560,52 @@ def eval_cmd(
         acc, iv = out[key], out["intervals"][key]
         if acc is not None:
             click.echo(f"  {key:<18} {100 * acc:5.1f}%  [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]")
+    if corrected is not None and out["corrected"]["accuracy_generate"] is not None:
+        c, iv = out["corrected"]["accuracy_generate"], out["corrected"]["intervals"]["accuracy_generate"]
+        click.echo(
+            f"  {'generate + stored logit bias':<18} {100 * c:5.1f}%  [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
+            f"  ({' '.join(correction.cli_args())})"  # type: ignore[union-attr]
+        )
     click.echo(f"  {'invalid outputs':<18} {100 * out['invalid_rate']:5.1f}%")
     click.echo(f"  {'items/s':<18} {out['items_per_s']:.1f}")
+    for line in report.format_baselines(out.get("baselines") or {}):
+        click.echo(f"  {line}")
+
+
+def _eval_baselines(
+    items: Sequence[tasks.Item],
+    scores: list[Any],
+    cf: list[Any],
+    untuned: list[Any] | None,
+    untuned_cf: list[Any] | None,
+    correction: Any,
+    seed: int,
+) -> dict[str, Any]:
+    """The choice-score baselines of eval: label-free ones on this batch (Batch Calibration, Contextual
+    Calibration), for the evaluated model and, when it has biases, the untuned one; the stored offset."""
+    from . import baselines as bl
+
+    y = np.array([it.answer for it in items])
+    try:
+        arm = bl.Arm(
+            np.zeros((0, len(items[0].choices))), bl.score_matrix([s.choice_logprob for s in scores])
+        )
+        if cf:
+            arm.s_cf = bl.score_matrix([s.choice_logprob for s in cf])
+        if untuned is None:
+            rows = bl.compare(arm, None, y, None, seed)
+        else:
+            u = bl.Arm(np.zeros_like(arm.s_cal), bl.score_matrix([s.choice_logprob for s in untuned]))
+            if untuned_cf:
+                u.s_cf = bl.score_matrix([s.choice_logprob for s in untuned_cf])
+            rows = bl.compare(u, arm, y, None, seed)
+            if isinstance(correction, bl.Correction):
+                pred = correction.predict(arm.s_held)
+                rows.append(bl.make_row("tuned+stored", correction, list(pred), y, arm.s_held.shape[1]))
+                bl.with_deltas(rows, seed)
+    except ValueError as e:
+        return {"rows": [], "notes": [str(e)]}
+    return {"scoring": "choice", "rows": [r.to_dict() for r in rows], "notes": []}
 
 
 # --- show, apply, strip

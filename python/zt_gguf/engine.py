@@ -34,6 +34,11 @@ class Scores:
     gen_text: str
     gen_tokens: list[int] = field(default_factory=list)
     n_prompt_tokens: int = 0
+    # the token each choice continues the whole prompt with (-1 on a token merge), its log p after the
+    # prompt (-inf then), and the largest log p of a token that starts no choice
+    choice_next_token: np.ndarray | None = None  # int32 [n_choices]
+    choice_next_logprob: np.ndarray | None = None  # float64 [n_choices]
+    other_next_logprob: float = float("nan")
 
 
 DEFAULT_N_CTX = 4096
@@ -170,13 +175,22 @@ class Context:
         n_gen: int = 1,
         gen_stop: Sequence[str] = (),
         parse_special: bool = True,
+        logit_bias: Sequence[tuple[int, float]] = (),
     ) -> list[Scores]:
-        """Score items (prompt + choices): one Scores per item, in order."""
+        """Score items (prompt + choices): one Scores per item, in order.
+
+        logit_bias: (token, bias) pairs added to the logits before every greedy choice of the generation, as
+        llama.cpp's --logit-bias does; the log-probabilities reported are the model's own."""
         prompts = [it.prompt for it in items]
         choices = [list(it.choices) for it in items]
         try:
             raw = self._c.score(
-                prompts, choices, n_gen=n_gen, gen_stop=list(gen_stop), parse_special=parse_special
+                prompts,
+                choices,
+                n_gen=n_gen,
+                gen_stop=list(gen_stop),
+                parse_special=parse_special,
+                logit_bias=[(int(t), float(b)) for t, b in logit_bias],
             )
         except _core.EngineError as e:
             raise EngineError(_locate(str(e), items)) from None
@@ -190,6 +204,9 @@ class Context:
                 gen_text=r.gen_text,
                 gen_tokens=list(r.gen_tokens),
                 n_prompt_tokens=r.n_prompt_tokens,
+                choice_next_token=np.asarray(r.choice_next_token, dtype=np.int32),
+                choice_next_logprob=np.asarray(r.choice_next_logprob, dtype=np.float64),
+                other_next_logprob=float(r.other_next_logprob),
             )
             for r in raw
         ]

@@ -251,6 +251,43 @@ def _neg_entropy_choices(results: Sequence[ItemResult], items: Sequence[Item]) -
     return -np.array([r.entropy_choices for r in results], dtype=np.float64)
 
 
+def _batch_calibrated(results: Sequence[ItemResult]) -> np.ndarray | None:
+    """The choice log-probabilities after Batch Calibration on these results' own batch, [N, K].
+
+    None when the items have different numbers of choices (no common label prior)."""
+    from .baselines import batch_calibration
+
+    if not results or len({len(r.choice_probs) for r in results}) != 1:
+        return None
+    with np.errstate(divide="ignore"):
+        s = np.log(np.stack([r.choice_probs for r in results]))
+    return batch_calibration(s, "the batch").log_probs(s)
+
+
+def _bc_accuracy_choice(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
+    answers = _require_answers(items)
+    lp = _batch_calibrated(results)
+    if lp is None:
+        return float(np.mean(_correct_choice(results, items))) if results else float("nan")
+    return float(np.mean(np.argmax(lp, axis=1) == np.asarray(answers)))
+
+
+def _bc_logprob(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
+    answers = _require_answers(items)
+    lp = _batch_calibrated(results)
+    if lp is None:
+        return float(np.mean(_correct_logprob(results, items))) if results else float("nan")
+    return float(np.mean(lp[np.arange(len(answers)), answers]))
+
+
+def _bc_mutual_information(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
+    lp = _batch_calibrated(results)
+    if lp is None:
+        return mutual_information(results)
+    calibrated = [ItemResult(**{**asdict(r), "choice_probs": np.exp(row)}) for r, row in zip(results, lp)]
+    return mutual_information(calibrated)
+
+
 def _mean_of(per_item: PerItem) -> Callable[[Sequence[ItemResult], Sequence[Item]], float]:
     def fn(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
         values = per_item(results, items)
@@ -290,6 +327,20 @@ OBJECTIVES: dict[str, Objective] = {
         lambda results, items: mutual_information(results),
         False,
         "H(mean choice distribution) - mean H(choice distribution): confident, not collapsed on one label",
+        None,
+    ),
+    # what a label-prior shift cannot give: each candidate is judged after Batch Calibration on its own
+    # calibration batch (the prior is re-estimated per candidate, so these are not per-item means: no racing)
+    "bc-accuracy-choice": Objective(
+        _bc_accuracy_choice, True, "choice accuracy after Batch Calibration on the calibration batch", None
+    ),
+    "bc-logprob": Objective(
+        _bc_logprob, True, "mean log-probability of the answer after Batch Calibration (smooth)", None
+    ),
+    "bc-mutual-information": Objective(
+        _bc_mutual_information,
+        False,
+        "mutual information of the choice distributions after Batch Calibration (label-free)",
         None,
     ),
 }

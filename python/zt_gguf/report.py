@@ -28,6 +28,10 @@ Shapes of the :class:`Report` dict fields (conventions; :func:`format_summary` t
 * ``evaluations``: candidates, items_scored, items_saved (by early stopping).
 * ``timings``: seconds per stage, "total" for the whole run.
 * ``written``: path (the output GGUF, or None) and reason (why nothing was written, or None).
+* ``baselines``: the output-side baselines on the same held-out items (``baselines.Comparison.to_dict``):
+  scoring, rows (key, model, free, correction, accuracy, interval, pred_counts, macro_f1, delta_vs_tuned),
+  choice_rows (the choice-score rows under generate scoring, else None), shipped (the key of what ships),
+  shipped_correction, verdict (shipped, best_free, their accuracies, delta with its interval, beats), notes.
 """
 
 from __future__ import annotations
@@ -494,6 +498,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     written: dict[str, Any] = field(default_factory=lambda: {"path": None, "reason": None})
+    baselines: dict[str, Any] = field(default_factory=dict)
     date: str = field(default_factory=utc_now)
 
     def to_dict(self) -> dict[str, Any]:
@@ -657,6 +662,60 @@ def _fmt_chosen(chosen: Mapping[str, Any]) -> str:
     return parts[0] + (" " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
 
+def _row_name(key: str) -> str:
+    from .baselines import describe
+
+    try:
+        return describe(key)
+    except KeyError:
+        return key
+
+
+def format_baselines(b: Mapping[str, Any]) -> list[str]:
+    """The baselines table: every method's held-out accuracy and its paired delta against ZeroTuning, and
+    the verdict (what ships against the best free baseline), in plain words."""
+    if not b or not b.get("rows"):
+        return [f"baselines: {n}" for n in (b or {}).get("notes", [])]
+    lines = [f"held-out {b['scoring']} accuracy of each method (delta vs ZeroTuning, paired 95%):"]
+    tables = [b["rows"]] + ([b["choice_rows"]] if b.get("choice_rows") else [])
+    for t, rows in enumerate(tables):
+        if t == 1:
+            lines.append("the same items, choice accuracy:")
+        width = max(len(_row_name(r["key"])) for r in rows)
+        for r in rows:
+            d = r.get("delta_vs_tuned") or {}
+            mark = " <- ships" if t == 0 and r["key"] == b.get("shipped") else ""
+            delta = (
+                ""
+                if r["key"] == "tuned"
+                else f"  {100 * d['delta']:+5.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                if d
+                else ""
+            )
+            iv = r["interval"]
+            lines.append(
+                f"  {_row_name(r['key']):<{width}}  {100 * r['accuracy']:5.1f}% "
+                f"[{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]{delta}{mark}"
+            )
+    v = b.get("verdict")
+    if v:
+        d = v["delta"]
+        gap = f"{100 * d['delta']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        if v["beats"]:
+            lines.append(
+                f"verdict: {_row_name(v['shipped'])} beats the best free baseline "
+                f"({_row_name(v['best_free'])}) by {gap}"
+            )
+        else:
+            lines.append(
+                f"verdict: a free output-side correction is as good or better: {_row_name(v['best_free'])} "
+                f"{100 * v['best_free_accuracy']:.1f}% vs {_row_name(v['shipped'])} "
+                f"{100 * v['shipped_accuracy']:.1f}% ({gap})"
+            )
+    lines.extend(f"baselines: {n}" for n in b.get("notes", []))
+    return lines
+
+
 def format_summary(report: Report) -> str:
     """A short summary for the terminal, one fact per line: held-out accuracy baseline -> tuned for both
     scorings (95% intervals, in percent), the delta(s), the chosen heads and gamma, the output, warnings."""
@@ -674,6 +733,8 @@ def format_summary(report: Report) -> str:
         bits = [report.mode]
         if report.search:
             bits.append(f"search {report.search.get('method', '?')} on {report.search.get('objective', '?')}")
+        if report.scoring.get("primary"):
+            bits.append(f"{report.scoring['primary']} scoring")
         if task.get("n_calibration") is not None:
             bits.append(f"{task['n_calibration']} calibration / {task.get('n_heldout', '?')} held-out items")
         lines.append(", ".join(bits))
@@ -704,6 +765,7 @@ def format_summary(report: Report) -> str:
             if isinstance(d, Mapping) and (line := _fmt_delta(str(name), d)):
                 lines.append(line)
 
+    lines.extend(format_baselines(report.baselines))
     if report.chosen:
         lines.append(_fmt_chosen(report.chosen))
     ev = report.evaluations

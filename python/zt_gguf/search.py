@@ -44,6 +44,17 @@ stopped. A probe stopped early gets the paired mean mean(d) as its gain (negativ
 head with a positive gain exists). The savings are reported as the share of items not scored, relative to
 scoring every candidate on every item.
 
+Events
+------
+``events(name, data)``, when given, tells what the search is about to do and what it found early:
+``"plan"`` before the first candidate (``n_candidates``: the most the method will score, ``n_items``,
+``chunk_size``, ``n_chunks``); ``"estimate"`` once the first chunk of items has been scored by the scorer
+(``chunk_s``: its wall time, ``estimate_s``: chunk_s x chunks x candidates, the time without early
+stopping or the checkpoint); ``"candidate"`` before each candidate (``description``, ``index``);
+``"no_discrimination"`` once, when the baseline and the first EQUAL_PROBE_CHECK probes give exactly the same
+per-item values on the first chunk (the scoring cannot tell those candidates apart: an accuracy of a
+generation that never names a label, for instance).
+
 Checkpoint and resume
 ---------------------
 Every completed candidate evaluation (stopped early or not) is stored in a :class:`SearchState`, keyed by
@@ -60,6 +71,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +92,7 @@ __all__ = [
     "RACE_Z",
     "Candidate",
     "Evaluation",
+    "Events",
     "Progress",
     "RunStats",
     "Scorer",
@@ -97,12 +110,15 @@ __all__ = [
 Scorer = Callable[[np.ndarray, Sequence[Item]], "list[Scores]"]
 # (stage name, done, total), in items scored (or skipped) within the stage
 Progress = Callable[[str, int, int], None]
+# (event name, data): see "Events" in the module docstring
+Events = Callable[[str, dict[str, Any]], None]
 
 METHODS = ("paper", "bands", "heads")
 RACE_Z = 2.58  # one-sided z of the racing bound
 RACE_MIN_CHUNKS = 2  # no early stop before this many chunks
 TIE_TOL = 1e-12
 STATE_VERSION = 1
+EQUAL_PROBE_CHECK = 4  # probes compared with the baseline on the first chunk for "no_discrimination"
 
 
 class SearchError(ValueError):
@@ -346,8 +362,14 @@ class _Search:
         checkpoint: str | os.PathLike[str] | None,
         progress: Progress | None,
         scorer_id: str,
+        events: Events | None = None,
     ) -> None:
         self.scorer = scorer
+        self.events = events
+        self.n_started = 0  # candidates announced by the "candidate" event
+        self.first_chunks: list[tuple[float, ...]] = []  # per-item values of the first chunk, per candidate
+        self.estimated = False
+        self.warned_equal = False
         self.config = config
         self.shape = (int(shape[0]), int(shape[1]))
         self.objective: Objective = self._check(items)
@@ -421,6 +443,37 @@ class _Search:
     def _end(self) -> None:
         self._tick(self.stage_total - self.stage_done)
 
+    # --- events ---
+
+    def _event(self, name: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events(name, data)
+
+    def n_chunks(self) -> int:
+        return math.ceil(self.n / self.config.chunk_size)
+
+    def plan(self) -> int:
+        """The most candidates the method scores: baseline, 2 probes a head, the larger grid, the budget."""
+        c = self.config
+        n = 1 + 2 * self.shape[1] + max(len(c.grid_up), len(c.grid_down))
+        return n + (c.budget if c.method in ("bands", "heads") else 0)
+
+    def _first_chunk(self, values: np.ndarray | None, seconds: float) -> None:
+        """After a candidate's first chunk: the time estimate (once) and the discrimination check (once)."""
+        if not self.estimated:
+            self.estimated = True
+            total = self.plan()
+            self._event(
+                "estimate", chunk_s=seconds, estimate_s=seconds * self.n_chunks() * total, n_candidates=total
+            )
+        if values is None or self.warned_equal:
+            return
+        self.first_chunks.append(tuple(float(v) for v in values))
+        if len(self.first_chunks) == 1 + EQUAL_PROBE_CHECK:
+            self.warned_equal = True
+            if len(set(self.first_chunks)) == 1:
+                self._event("no_discrimination", n_candidates=len(self.first_chunks), n_items=len(values))
+
     # --- candidates ---
 
     def _bias(self, heads: Sequence[int], gamma: float, layers: np.ndarray | None = None) -> np.ndarray:
@@ -440,6 +493,8 @@ class _Search:
         if key in self.log:
             self._tick(self.n)
             return self.log[key]
+        self.n_started += 1
+        self._event("candidate", description=description, index=self.n_started)
         rec = self.state.evaluations.get(key)
         if rec is not None and (not rec.stopped_early or (self.racing and rec.race == self.race_tag)):
             self.run.evaluations_from_checkpoint += 1
@@ -466,10 +521,14 @@ class _Search:
         m, n_chunks, stopped = 0, 0, False
         while m < self.n:
             chunk = self.items[m : m + self.config.chunk_size]
+            t0 = time.monotonic()
             scores = self.scorer(bias.copy(), chunk)
             if len(scores) != len(chunk):
                 raise SearchError(f"the scorer returned {len(scores)} scores for {len(chunk)} items")
             results.extend(item_results(scores, chunk))
+            if m == 0:
+                first = per_item(results, chunk) if per_item is not None else None
+                self._first_chunk(first, time.monotonic() - t0)
             m += len(chunk)
             n_chunks += 1
             self.run.scorer_calls += 1
@@ -648,16 +707,18 @@ def search(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     scorer_id: str = "",
+    events: Events | None = None,
 ) -> SearchResult:
     """Run the calibration search (see the module docstring) and return the best candidate.
 
     shape is (n_layer, n_head) of the bias matrix. checkpoint: a JSON file to resume from and save to after
     every completed candidate (None: no checkpoint). scorer_id names what the scorer computes (model file,
     scoring settings) and must match the checkpoint's. Exceptions of the scorer propagate; the completed
-    candidates are in the checkpoint.
+    candidates are in the checkpoint. events(name, data): see "Events" in the module docstring.
     """
     config = SearchConfig(**asdict(config)) if config is not None else SearchConfig()
-    s = _Search(scorer, items, shape, config, checkpoint, progress, scorer_id)
+    s = _Search(scorer, items, shape, config, checkpoint, progress, scorer_id, events)
+    s._event("plan", n_candidates=s.plan(), n_items=s.n, chunk_size=config.chunk_size, n_chunks=s.n_chunks())
     base, best, info = s.paper()
     if config.method == "bands":
         best = s.bands(best, info)

@@ -44,6 +44,7 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 
 HEADER_KEY = "zt_task"
 HEADER_FIELDS = ("template", "choices")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021 (arXiv 2102.09690), the inputs CC averages over
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Task:
     sha256: str  # of the whole file's bytes
     n_lines: int  # physical lines of the file, blank and header lines included
     has_answers: bool  # every item has an answer
+    # Contextual Calibration's content-free prompts: {content-free string: the prompt with every input slot
+    # filled with it}, when every item shares one template and one set of choices (None otherwise)
+    content_free: dict[str, str] | None = None
 
 
 class TaskError(ValueError):
@@ -132,6 +136,7 @@ def load_task(
         sha256=digest.hexdigest(),
         n_lines=n_lines,
         has_answers=all(item.answer is not None for item in items),
+        content_free=reader.content_free(),
     )
 
 
@@ -339,6 +344,50 @@ class _Reader:
         self.label_words: tuple[str, ...] = ()
         self.label_index: dict[str, int] = {}
         self.ids: dict[str, int] = {}
+        # the content-free prompts common to every item so far; None once two items disagree (or no template)
+        self.cf: dict[str, str] | None = {}
+        self.cf_choices: tuple[str, ...] | None = None
+
+    def content_free(self) -> dict[str, str] | None:
+        return self.cf or None
+
+    def _content_free(self, obj: dict[str, Any], prompt: str, choices: tuple[str, ...]) -> None:
+        """Narrow self.cf to this item: its prompt with every input slot filled with a content-free string.
+
+        "text" lines: the template with every placeholder filled. "prompt" lines: the prompt with every string
+        of the line's "fields" object that it contains replaced (longest first); without such fields, none."""
+        if self.cf is None:
+            return
+        if self.cf_choices is not None and choices != self.cf_choices:
+            self.cf = None
+            return
+        self.cf_choices = choices
+        mine: dict[str, str] = {}
+        for cf in CONTENT_FREE:
+            if self.template is not None:
+                text = "".join(lit + ("" if f is None else cf) for lit, f in self.template.parts)
+            else:
+                fields = obj.get("fields")
+                values = (
+                    sorted(
+                        {v for v in fields.values() if isinstance(v, str) and v.strip() and v in prompt},
+                        key=len,
+                        reverse=True,
+                    )
+                    if isinstance(fields, dict)
+                    else []
+                )
+                if not values:
+                    self.cf = None
+                    return
+                text = prompt
+                for v in values:
+                    text = text.replace(v, cf)
+            mine[cf] = text
+        if self.cf and self.cf != mine:
+            self.cf = None
+        elif not self.cf:
+            self.cf = mine
 
     def line(self, body: bytes, lineno: int) -> Item | None:
         fail = _fail_at(self.path, lineno)
@@ -379,6 +428,7 @@ class _Reader:
             choices = self.label_words
             answer = self._label(obj.get("label"), fail)
         item_id = self._id(obj, lineno, fail)
+        self._content_free(obj, prompt, tuple(choices))
         return Item(prompt=prompt, choices=choices, answer=answer, id=item_id, where=f"{self.path}:{lineno}")
 
     def _header(self, obj: dict[str, Any], lineno: int, fail: Fail) -> None:

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""ZeroTuning against the free output-side baselines, and ZeroTuning searched on top of them (issue 12).
+
+    python benchmarks/bench_baselines.py [--models gemma-3-270m,smollm2-135m] [--tasks sst2,agnews,trec]
+                                         [--seeds 1,2] [--n-cal 100] [--n-held 200] [--threads 2]
+    python benchmarks/bench_baselines.py --table-only
+
+For each model, task and seed: a seeded sample of n_cal + n_held items of ../shared/data/jsonl/<task>.jsonl,
+split into calibration and held-out items (tasks.split_items); then, choice scoring, the paper search
+(zt_gguf.search) with four objectives:
+
+* supervised: ``accuracy-choice`` (plain ZeroTuning) and ``bc-accuracy-choice`` (each candidate judged after
+  Batch Calibration on its own calibration batch);
+* unsupervised: ``mutual-information`` and ``bc-mutual-information``;
+
+and for each pick the held-out comparison of ``zt_gguf.baselines.run_comparison`` (what calibrate reports):
+untuned, Batch Calibration (held-out batch, calibration inputs), Contextual Calibration (tasks with a
+template), the per-label offset (supervised), and each of them on top of the tuned model. All four searches
+share one scorer cache (a candidate scored under two objectives is scored once: the probes, for instance).
+
+The question it answers: does ZeroTuning + calibration beat calibration alone, and by how much? The fair
+pairs (same information at deployment): supervised, ZeroTuning + offset vs the untuned model + offset (the
+same calibration labels); unsupervised, ZeroTuning (bc-MI) + Batch Calibration on the calibration inputs vs
+the untuned model + the same (no labels). Records: benchmarks/results/baselines.jsonl (one line per model,
+task, seed and objective) and baselines.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import machine, utc_now
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "jsonl"
+RESULTS = REPO / "benchmarks" / "results"
+FILES = {
+    "sst2": "sst2.dev.jsonl",
+    "agnews": "agnews.test.jsonl",
+    "trec": "trec.test.jsonl",
+    "boolq": "boolq.dev.jsonl",
+    "arc_easy": "arc_easy.test.jsonl",
+    "commonsense_qa": "commonsense_qa.dev.jsonl",
+}
+OBJECTIVES = (
+    ("supervised", "accuracy-choice"),
+    ("supervised", "bc-accuracy-choice"),
+    ("unsupervised", "mutual-information"),
+    ("unsupervised", "bc-mutual-information"),
+)
+# (ZeroTuning arm, the calibration-only arm it must beat): same information at deployment
+PAIRS = {
+    "accuracy-choice": ("tuned+label-offset", "untuned+label-offset"),
+    "bc-accuracy-choice": ("tuned+batch-calibration", "untuned+batch-calibration"),
+    "mutual-information": ("tuned+batch-calibration", "untuned+batch-calibration"),
+    "bc-mutual-information": ("tuned+batch-calibration", "untuned+batch-calibration"),
+}
+
+
+def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out: Path) -> None:
+    from zt_gguf import models
+    from zt_gguf.baselines import run_comparison
+    from zt_gguf.calibrate import MemoScorer, content_free_items
+    from zt_gguf.engine import Context, Model, fit_n_ctx
+    from zt_gguf.search import SearchConfig, search
+    from zt_gguf.tasks import load_task, split_items
+
+    loaded = load_task(DATA / FILES[task], allow_duplicate_choices=True)
+    rng = np.random.default_rng(seed)
+    n = min(args.n_cal + args.n_held, len(loaded.items))
+    idx = np.sort(rng.choice(len(loaded.items), size=n, replace=False))
+    items = [loaded.items[i] for i in idx]
+    calib, held = split_items(items, args.n_held / n, seed)
+    path = models.get(model_name)
+    model = Model(path)
+    ctx = Context(model, n_threads=args.threads, n_ctx=fit_n_ctx(model, items, 32, 1))
+    memo = MemoScorer(ctx, 1, [])
+    cf = content_free_items(loaded, items)
+    for mode, objective in OBJECTIVES:
+        t0 = time.monotonic()
+        res = search(lambda b, c: memo(b, c), calib, model.bias_shape, SearchConfig(objective=objective))
+        cmp = run_comparison(
+            memo, calib, held, cf, res.bias, supervised=mode == "supervised", scoring="choice",
+            objective=objective, seed=seed,
+        )  # fmt: skip
+        assert cmp is not None
+        rec = {
+            "model": model_name,
+            "task": task,
+            "seed": seed,
+            "mode": mode,
+            "objective": objective,
+            "n_cal": len(calib),
+            "n_held": len(held),
+            "chosen": {"type": res.head_type, "heads": res.heads, "gamma": res.best_gamma},
+            "candidates": res.n_evaluations,
+            "seconds": time.monotonic() - t0,
+            "rows": {r.key: {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows},
+            "correct": {r.key: r.correct.astype(int).tolist() for r in cmp.rows},
+            "shipped": cmp.shipped,
+            "verdict": cmp.verdict.to_dict() if cmp.verdict else None,
+            "notes": cmp.notes,
+            "date": utc_now(),
+        }
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        v = rec["verdict"]
+        print(
+            f"{model_name} {task} seed {seed} {objective}: "
+            f"untuned {100 * rec['rows']['untuned']['accuracy']:.1f} "
+            f"tuned {100 * rec['rows']['tuned']['accuracy']:.1f} best free {v['best_free']} "
+            f"{100 * v['best_free_accuracy']:.1f} shipped {v['shipped']} {100 * v['shipped_accuracy']:.1f} "
+            f"({rec['seconds']:.0f} s)",
+            flush=True,
+        )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def table(recs: list[dict]) -> str:
+    """Means over seeds per model, task and objective, and the pooled paired delta of each fair pair."""
+    from zt_gguf.metrics import paired_bootstrap_delta
+
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["model"], r["task"], r["objective"]), []).append(r)
+    cols = [
+        "untuned",
+        "untuned+batch-heldout",
+        "untuned+batch-calibration",
+        "untuned+contextual",
+        "untuned+label-offset",
+        "tuned",
+        "tuned+batch-calibration",
+        "tuned+label-offset",
+    ]
+    head = (
+        "| model | task | objective | seeds | n cal/held | "
+        + " | ".join(cols)
+        + " | ZT arm - calibration arm "
+        "(pooled paired 95%) |"
+    )
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
+    for (model, task, objective), rs in sorted(groups.items()):
+        cells = []
+        for c in cols:
+            vals = [r["rows"][c]["accuracy"] for r in rs if c in r["rows"]]
+            cells.append(_pct(float(np.mean(vals))) if vals else "n/a")
+        zt, cal = PAIRS[objective]
+        a = np.concatenate([r["correct"][cal] for r in rs if cal in r["correct"]] or [np.zeros(0)])
+        b = np.concatenate([r["correct"][zt] for r in rs if zt in r["correct"]] or [np.zeros(0)])
+        if len(a) and len(a) == len(b):
+            d, lo, hi = paired_bootstrap_delta(a, b, seed=0)
+            pair = f"{zt} vs {cal}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        else:
+            pair = "n/a"
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        ncal = f"{rs[0]['n_cal']}/{rs[0]['n_held']}"
+        lines.append(
+            f"| {model} | {task} | {objective} | {seeds} | {ncal} | " + " | ".join(cells) + f" | {pair} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gemma-3-270m,smollm2-135m")
+    ap.add_argument("--tasks", default="sst2,agnews,trec")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--n-cal", type=int, default=100)
+    ap.add_argument("--n-held", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "baselines.jsonl")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.table_only:
+        if not DATA.is_dir():
+            print(f"bench_baselines: no task data at {DATA}", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": " ".join(sys.argv), "machine": machine(), "started": utc_now()}
+        print(json.dumps(meta), flush=True)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for model_name in args.models.split(","):
+                    run_one(model_name, task, seed, args, args.out)
+    recs = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()]
+    md = (
+        "# ZeroTuning vs output-side calibration (choice scoring, held-out accuracy %, mean over seeds)\n\n"
+        f"Generated by `python benchmarks/bench_baselines.py` from {args.out.name} ({len(recs)} runs).\n\n"
+        + table(recs)
+    )
+    (args.out.with_suffix(".md")).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
