@@ -256,3 +256,52 @@ def test_calibrate_reports_the_baselines_on_the_tiny_model(tmp_path) -> None:  #
     p_cf = np.exp(scf).mean(0)
     cc = np.argmax(lp - np.log(p_cf / p_cf.sum()), 1)
     assert rows["untuned+contextual"]["accuracy"] == pytest.approx(np.mean(cc == y), abs=1e-9)
+
+
+def test_eval_applies_the_stored_correction(tmp_path) -> None:  # noqa: ANN001
+    """A file tuned with a bc- objective ships Batch Calibration on the calibration inputs: calibrate stores
+    it, eval applies it to the evaluated model's choice scores (recomputed here from a fresh engine) and
+    reports the label-free baselines of the untuned model on the same items."""
+    import json
+    import subprocess
+
+    from zt_gguf import gguf_meta
+    from zt_gguf.engine import Context, Model
+    from zt_gguf.testing import make_tiny_llama, write_tiny_task
+
+    model = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, seed=13).path
+    task = write_tiny_task(tmp_path / "task.jsonl", 50, seed=14)
+    test = write_tiny_task(tmp_path / "test.jsonl", 30, seed=15)
+    out = tmp_path / "tuned.gguf"
+    res = subprocess.run(
+        ["zt-gguf", "calibrate", str(model), "--task", str(task), "--scoring", "choice", "--objective",
+         "bc-logprob", "--threads", "1", "-o", str(out), "--force", "--quiet", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    if not out.exists():
+        pytest.skip("the search kept the baseline on this random model")  # nothing to ship
+    prov = gguf_meta.read_model_info(out).provenance
+    assert prov["shipped"] == "tuned+batch-calibration"
+    stored = B.correction_from_provenance(prov)
+    assert isinstance(stored, B.Correction) and stored.method == "batch"
+    res = subprocess.run(
+        ["zt-gguf", "eval", str(out), "--task", str(test), "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    ev = json.loads(res.stdout)
+    assert ev["correction"]["method"] == "batch"
+    rows = {r["key"]: r for r in ev["baselines"]["rows"]}
+    assert {"untuned", "untuned+batch-heldout", "tuned", "tuned+batch-heldout", "tuned+stored"} <= set(rows)
+    from zt_gguf.tasks import load_task
+
+    items = load_task(test).items
+    ctx = Context(Model(out), n_threads=1)  # the stored bias is applied by default
+    s = np.array([sc.choice_logprob for sc in ctx.score(items, n_gen=1)])
+    y = np.array([it.answer for it in items])
+    lp = s - s.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    want = np.mean(np.argmax(lp + np.array(stored.offset), 1) == y)
+    assert rows["tuned+stored"]["accuracy"] == pytest.approx(want, abs=1e-9)
+    assert rows["tuned"]["accuracy"] == pytest.approx(ev["accuracy_choice"], abs=1e-9)

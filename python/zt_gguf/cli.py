@@ -212,7 +212,8 @@ def _layers(value: str | None) -> tuple[int, int | None]:
 @click.option(
     "--objective",
     type=click.Choice(list(metrics.OBJECTIVES)),
-    help="What the search maximises (default: accuracy of --scoring; mutual-information unsupervised).",
+    help="What the search maximises (default: logprob for choice scoring, accuracy-generate for generate "
+    "scoring, mutual-information unsupervised; bc-*: judged after Batch Calibration, shipped with it).",
 )
 @click.option(
     "--search",
@@ -731,7 +732,8 @@ def demo_cmd(
     max_items: int | None,
     as_json: bool,
 ) -> None:
-    """Calibrate the embedded default model on the shipped SST-2 slice, end to end.
+    """Calibrate the embedded default model on the shipped SST-2 slice, end to end, with calibrate's defaults
+    (the held-out comparison with the free output-side baselines included).
 
     \b
     Example:
@@ -759,9 +761,9 @@ def demo_cmd(
         output=out,
         report_dir=None,
         mode="supervised",
-        scoring="choice",
+        scoring="auto",
         n_gen=4,
-        objective="logprob",
+        objective=None,
         method="paper",
         head_fraction=0.4,
         grid_up=None,
