@@ -18,6 +18,11 @@ untuned, Batch Calibration (held-out batch, calibration inputs), Contextual Cali
 template), the per-label offset (supervised), and each of them on top of the tuned model. All four searches
 share one scorer cache (a candidate scored under two objectives is scored once: the probes, for instance).
 
+``--generate``: generate scoring instead (the first label word of a 4-token greedy continuation, supervised,
+objective accuracy-generate), where the output-side correction is a logit bias on the label words' first
+tokens fitted on the calibration items, measured on the held-out items by real generation: untuned, untuned
++ logit bias, ZeroTuning, ZeroTuning + logit bias (records: baselines-generate.jsonl / .md).
+
 The question it answers: does ZeroTuning + calibration beat calibration alone, and by how much? The fair
 pairs (same information at deployment): supervised, ZeroTuning + offset vs the untuned model + offset (the
 same calibration labels); unsupervised, ZeroTuning (bc-MI) + Batch Calibration on the calibration inputs vs
@@ -57,6 +62,7 @@ OBJECTIVES = (
 # (ZeroTuning arm, the calibration-only arm it must beat): same information at deployment
 PAIRS = {
     "logprob": ("tuned+label-offset", "untuned+label-offset"),
+    "accuracy-generate": ("tuned+logit-bias", "untuned+logit-bias"),
     "bc-logprob": ("tuned+batch-calibration", "untuned+batch-calibration"),
     "mutual-information": ("tuned+batch-calibration", "untuned+batch-calibration"),
     "bc-mutual-information": ("tuned+batch-calibration", "untuned+batch-calibration"),
@@ -79,15 +85,18 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
     calib, held = split_items(items, args.n_held / n, seed)
     path = models.get(model_name)
     model = Model(path)
-    ctx = Context(model, n_threads=args.threads, n_ctx=fit_n_ctx(model, items, 32, 1))
-    memo = MemoScorer(ctx, 1, [])
+    n_gen = 4 if args.generate else 1
+    ctx = Context(model, n_threads=args.threads, n_ctx=fit_n_ctx(model, items, 32, n_gen))
+    stops = sorted({c.strip() for it in items for c in it.choices}) if args.generate else []
+    memo = MemoScorer(ctx, n_gen, stops)
     cf = content_free_items(loaded, items)
-    for mode, objective in OBJECTIVES:
+    runs = [("supervised", "accuracy-generate")] if args.generate else OBJECTIVES
+    for mode, objective in runs:
         t0 = time.monotonic()
         res = search(lambda b, c: memo(b, c), calib, model.bias_shape, SearchConfig(objective=objective))
         cmp = run_comparison(
-            memo, calib, held, cf, res.bias, supervised=mode == "supervised", scoring="choice",
-            objective=objective, seed=seed,
+            memo, calib, held, cf, res.bias, supervised=mode == "supervised",
+            scoring="generate" if args.generate else "choice", objective=objective, seed=seed,
         )  # fmt: skip
         assert cmp is not None
         rec = {
@@ -102,6 +111,17 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
             "candidates": res.n_evaluations,
             "seconds": time.monotonic() - t0,
             "rows": {r.key: {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows},
+            "choice_rows": {r.key: r.accuracy for r in cmp.choice_rows},
+            "invalid": {
+                k: float(np.mean([x is None for x in v]))
+                for k, v in (
+                    ("untuned", _gen_preds(memo, None, held)),
+                    ("tuned", _gen_preds(memo, res.bias, held)),
+                )
+            }
+            if args.generate
+            else None,
+            "logit_bias": {r.key: r.correction.to_dict() for r in cmp.rows if r.key.endswith("logit-bias")},
             "correct": {r.key: r.correct.astype(int).tolist() for r in cmp.rows},
             "shipped": cmp.shipped,
             "verdict": cmp.verdict.to_dict() if cmp.verdict else None,
@@ -121,6 +141,12 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
         )
 
 
+def _gen_preds(memo, bias, held):  # noqa: ANN001, ANN202
+    from zt_gguf.metrics import item_results
+
+    return [r.gen_pred for r in item_results(memo(bias, held), held)]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -132,16 +158,21 @@ def table(recs: list[dict]) -> str:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in recs:
         groups.setdefault((r["model"], r["task"], r["objective"]), []).append(r)
-    cols = [
-        "untuned",
-        "untuned+batch-heldout",
-        "untuned+batch-calibration",
-        "untuned+contextual",
-        "untuned+label-offset",
-        "tuned",
-        "tuned+batch-calibration",
-        "tuned+label-offset",
-    ]
+    generate = any(r["objective"] == "accuracy-generate" for r in recs)
+    cols = (
+        ["untuned", "untuned+logit-bias", "tuned", "tuned+logit-bias"]
+        if generate
+        else [
+            "untuned",
+            "untuned+batch-heldout",
+            "untuned+batch-calibration",
+            "untuned+contextual",
+            "untuned+label-offset",
+            "tuned",
+            "tuned+batch-calibration",
+            "tuned+label-offset",
+        ]
+    )
     head = (
         "| model | task | objective | seeds | n cal/held | "
         + " | ".join(cols)
@@ -180,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "baselines.jsonl")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--generate", action="store_true", help="generate scoring and the logit bias")
     args = ap.parse_args(argv)
+    if args.generate and args.out == RESULTS / "baselines.jsonl":
+        args.out = RESULTS / "baselines-generate.jsonl"
     if not args.table_only:
         if not DATA.is_dir():
             print(f"bench_baselines: no task data at {DATA}", file=sys.stderr)
@@ -194,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_one(model_name, task, seed, args, args.out)
     recs = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()]
     md = (
-        "# ZeroTuning vs output-side calibration (choice scoring, held-out accuracy %, mean over seeds)\n\n"
+        f"# ZeroTuning vs output-side calibration ({'generate' if args.generate else 'choice'} scoring, "
+        "held-out accuracy %, mean over seeds)\n\n"
         f"Generated by `python benchmarks/bench_baselines.py` from {args.out.name} ({len(recs)} runs).\n\n"
         + table(recs)
     )
