@@ -41,18 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from _common import machine, utc_now
+from bench_accuracy import DATA, FILES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "jsonl"
 RESULTS = REPO / "benchmarks" / "results"
-FILES = {
-    "sst2": "sst2.dev.jsonl",
-    "agnews": "agnews.test.jsonl",
-    "trec": "trec.test.jsonl",
-    "boolq": "boolq.dev.jsonl",
-    "arc_easy": "arc_easy.test.jsonl",
-    "commonsense_qa": "commonsense_qa.dev.jsonl",
-}
 OBJECTIVES = (
     ("supervised", "logprob"),
     ("supervised", "bc-logprob"),
