@@ -540,3 +540,19 @@ def test_events_no_discrimination_when_every_candidate_scores_the_same() -> None
     # the same search with choice accuracy, which does discriminate: no warning
     _, events = _events(model, SearchConfig(objective="accuracy-choice", chunk_size=10))
     assert "no_discrimination" not in [n for n, _ in events]
+
+
+@pytest.mark.parametrize("objective", ["bc-accuracy-choice", "bc-logprob", "bc-mutual-information"])
+def test_bc_objectives_search_without_racing(objective: str) -> None:
+    """The objectives judged after Batch Calibration run in the search on the fake model: never raced (the
+    prior depends on the whole batch), and the pick's objective is the recomputation's on its own items."""
+    from zt_gguf.metrics import get_objective, item_results
+
+    model = FakeModel(n_items=60)
+    r = search(model, model.items, model.shape, SearchConfig(objective=objective, chunk_size=20))
+    assert r.items_scored == r.items_full and r.savings == 0.0
+    order = np.random.default_rng(0).permutation(len(model.items))
+    items = [model.items[i] for i in order]
+    want = get_objective(objective).fn(item_results(model(r.bias, items), items), items)
+    assert r.best_objective == pytest.approx(want)
+    assert r.best_objective >= r.baseline_objective
