@@ -571,7 +571,9 @@ def run_comparison(
         if objective.startswith("bc-"):
             shipped = "tuned+batch-calibration"
         elif supervised:
-            offset = fit_label_offset(arms["tuned"].s_cal, y_cal, "")  # type: ignore[arg-type]
+            # the offset compare() fitted on the tuned model's calibration items, if it raises their accuracy
+            offset = next(r for r in rows if r.key == "tuned+label-offset").correction
+            assert isinstance(offset, Correction)
             plain = np.mean(np.argmax(arms["tuned"].s_cal, axis=1) == y_cal)
             if np.mean(offset.predict(arms["tuned"].s_cal) == y_cal) > plain:
                 shipped = "tuned+label-offset"
