@@ -490,7 +490,16 @@ def eval_cmd(
         info = _check_model(model)
         task = _load_task(task_path, template, choice_words, max_items, allow_duplicate_choices)
         bias = gguf_meta.read_bias_file(bias_file, info) if bias_file else None
-        source = gguf_meta.read_model_info(bias_file) if bias_file and bias_file.suffix == ".gguf" else info
+        prov: dict[str, Any] = dict(info.provenance)
+        if bias_file is not None:
+            try:  # the corrections stored with the biases applied (none in a bias-only GGUF or JSON)
+                prov = (
+                    dict(gguf_meta.read_model_info(bias_file).provenance)
+                    if bias_file.suffix == ".gguf"
+                    else {}
+                )
+            except gguf_meta.GGUFMetaError:
+                prov = {}
         m = Model(model)
         ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, EVAL_CHUNK, n_gen))
         if no_bias:
@@ -500,7 +509,7 @@ def eval_cmd(
         applied = ctx.get_bias()
         correction = None
         if applied is not None and not no_correction:
-            correction = bl.correction_from_provenance(dict(getattr(source, "provenance", {}) or {}))
+            correction = bl.correction_from_provenance(prov)
         stops = sorted({c.strip() for it in task.items for c in it.choices})
         stops = stops if len(stops) <= 32 else []
         bar = _progress_factory(not as_json)
