@@ -578,7 +578,7 @@ def eval_cmd(
         )
     click.echo(f"  {'invalid outputs':<18} {100 * out['invalid_rate']:5.1f}%")
     click.echo(f"  {'items/s':<18} {out['items_per_s']:.1f}")
-    for line in report.format_baselines(out.get("baselines") or {}):
+    for line in report.format_baselines(out.get("baselines") or {}, items="these items,"):
         click.echo(f"  {line}")
 
 

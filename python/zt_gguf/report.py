@@ -671,12 +671,12 @@ def _row_name(key: str) -> str:
         return key
 
 
-def format_baselines(b: Mapping[str, Any]) -> list[str]:
+def format_baselines(b: Mapping[str, Any], items: str = "held-out") -> list[str]:
     """The baselines table: every method's held-out accuracy and its paired delta against ZeroTuning, and
     the verdict (what ships against the best free baseline), in plain words."""
     if not b or not b.get("rows"):
         return [f"baselines: {n}" for n in (b or {}).get("notes", [])]
-    lines = [f"held-out {b['scoring']} accuracy of each method (delta vs ZeroTuning, paired 95%):"]
+    lines = [f"{items} {b['scoring']} accuracy of each method (delta vs ZeroTuning, paired 95%):"]
     tables = [b["rows"]] + ([b["choice_rows"]] if b.get("choice_rows") else [])
     for t, rows in enumerate(tables):
         if t == 1:
