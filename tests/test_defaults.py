@@ -63,8 +63,8 @@ def test_calibrate_with_no_options_on_the_default_model(gemma: Path) -> None:
     assert rep["evaluations"]["candidates"] >= 10
     rows = {r["key"]: r for r in rep["baselines"]["rows"]}
     assert {"untuned", "tuned", "untuned+batch-heldout", "untuned+contextual"} <= set(rows)
-    written = rep["written"]
-    assert written["path"] or written["reason"]
+    # written exactly when the verdict says ZeroTuning beats the best free baseline
+    assert bool(rep["written"]["path"]) == rep["baselines"]["verdict"]["beats"]
 
 
 def test_forced_generate_scoring_warns_early(gemma: Path, tmp_path: Path) -> None:
