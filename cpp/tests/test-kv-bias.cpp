@@ -292,11 +292,13 @@ static void report(const std::string & name, const char * what, bool ok, const c
 }
 
 // a backend that does not implement the kv bias must not get the node: ggml_backend_dev_supports_op rejects
-// SOFT_MAX/FLASH_ATTN_EXT with a kv bias on any non-CPU device, so the scheduler runs them on the CPU. A GPU
-// device is faked here (its own supports_op accepts everything, as CUDA's does for SOFT_MAX).
+// SOFT_MAX/FLASH_ATTN_EXT with a kv bias on every non-CPU device whose backend is not on the allowlist
+// (Vulkan, CUDA), so the scheduler runs them on the CPU. GPU devices are faked here (their own supports_op
+// accepts everything, as a backend that knows nothing of the bias would), with and without a registry name.
 static enum ggml_backend_dev_type fake_type_gpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_GPU; }
 static enum ggml_backend_dev_type fake_type_cpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_CPU; }
 static bool fake_supports_op(ggml_backend_dev_t, const struct ggml_tensor *) { return true; }
+static const char * fake_reg_name(ggml_backend_reg_t reg) { return (const char *) reg->context; }
 
 static void test_backend_guard() {
     ggml_init_params ip = { 1 << 20, nullptr, true };
@@ -328,6 +330,23 @@ static void test_backend_guard() {
     report("backend guard: kv bias rejected on a non-CPU device", "guard", ok, "", 0.0, 0.0);
 
     // clearing the bias (NULL) empties the slots again
+    // named backends: only the allowlisted ones get the node (then their own supports_op decides)
+    for (const char * name : { "Metal", "SYCL", "OpenCL", "ROCm", "MUSA", "RPC", "CANN", "WebGPU", "BLAS",
+                               "Vulkan", "CUDA" }) {
+        ggml_backend_reg reg = {};
+        reg.iface.get_name = fake_reg_name;
+        reg.context        = (void *) name;
+        ggml_backend_device dev = gpu;
+        dev.reg = &reg;
+        const bool allowed = strcmp(name, "Vulkan") == 0 || strcmp(name, "CUDA") == 0;
+        const bool ok_named =
+            ggml_backend_dev_supports_op(&dev, sm_plain) && ggml_backend_dev_supports_op(&dev, fa_plain) &&
+            ggml_backend_dev_supports_op(&dev, sm_bias) == allowed &&
+            ggml_backend_dev_supports_op(&dev, fa_bias) == allowed;
+        report(std::string("backend guard: kv bias ") + (allowed ? "passed to " : "rejected on ") + name, "guard",
+               ok_named, "", 0.0, 0.0);
+    }
+
     ggml_soft_max_add_kv_bias(sm_bias, nullptr, nullptr);
     ggml_flash_attn_ext_add_kv_bias(fa_bias, nullptr, nullptr);
     const bool cleared = ggml_backend_dev_supports_op(&gpu, sm_bias) && ggml_backend_dev_supports_op(&gpu, fa_bias);
