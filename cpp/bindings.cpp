@@ -48,10 +48,13 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_ftb", &zt::model_info::n_ftb)
         .def_readonly("add_bos", &zt::model_info::add_bos)
         .def_readonly("bos", &zt::model_info::bos)
-        .def_readonly("eos", &zt::model_info::eos);
+        .def_readonly("eos", &zt::model_info::eos)
+        .def_readonly("n_gpu_layers", &zt::model_info::n_gpu_layers)
+        .def_readonly("gpu_devices", &zt::model_info::gpu_devices);
 
     py::class_<zt::model>(m, "Model")
-        .def(py::init<const std::string &>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def(py::init<const std::string &, int32_t>(), py::arg("path"), py::arg("n_gpu_layers") = -1,
+             py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("info", &zt::model::info, py::return_value_policy::reference_internal)
         .def("tokenize", &zt::model::tokenize, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true)
         .def("token_to_piece", [](const zt::model & m, llama_token t) { return utf8(m.token_to_piece(t)); }, py::arg("token"))
@@ -95,6 +98,13 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_batch", [](const zt::context & c) { return c.params().n_batch; })
         .def_property_readonly("n_threads", [](const zt::context & c) { return c.params().n_threads; })
         .def_property_readonly("flash_attn", [](const zt::context & c) { return c.params().flash_attn; })
+        .def("attention_devices", [](const zt::context & c) {
+                 py::list res;
+                 for (const zt::attention_placement & p : c.attention_devices()) {
+                     res.append(py::make_tuple(p.device, p.n_nodes, p.n_biased));
+                 }
+                 return res;
+             })
         .def("set_bias", [](zt::context & c, const py::array_t<float, py::array::c_style | py::array::forcecast> & bias) {
                  std::vector<float> v = bias_from_array(c.get_model().info(), bias);
                  py::gil_scoped_release release;

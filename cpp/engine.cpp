@@ -52,7 +52,7 @@ static std::string meta_str(const llama_model * m, const char * key) {
 // ---------------------------------------------------------------------------------------------
 // model
 
-model::model(const std::string & path) {
+model::model(const std::string & path, int32_t n_gpu_layers) {
     backend_init();
 
     {
@@ -83,7 +83,7 @@ model::model(const std::string & path) {
     }
 
     llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
+    mp.n_gpu_layers = n_gpu_layers < 0 ? -1 : n_gpu_layers;
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) {
         throw error(path + ": llama.cpp cannot load this model" +
@@ -103,6 +103,21 @@ model::model(const std::string & path) {
     info_.add_bos     = llama_vocab_get_add_bos(vocab_);
     info_.bos         = llama_vocab_bos(vocab_);
     info_.eos         = llama_vocab_eos(vocab_);
+
+    // llama.cpp offloads to every GPU device of the build (the default device list of llama_model_params)
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const enum ggml_backend_dev_type t = ggml_backend_dev_type(dev);
+        if (t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+            info_.gpu_devices.push_back(ggml_backend_dev_name(dev));
+        }
+    }
+    if (info_.gpu_devices.empty() || n_gpu_layers == 0) {
+        info_.gpu_devices.clear();
+        info_.n_gpu_layers = 0;
+    } else {
+        info_.n_gpu_layers = n_gpu_layers < 0 ? info_.n_layer : std::min(n_gpu_layers, info_.n_layer);
+    }
 
     if (llama_model_has_encoder(model_) || info_.n_ftb <= 0) {
         llama_model_free(model_);
@@ -347,6 +362,11 @@ context::context(model & m, const context_params & params) : model_(m), params_(
         cp.type_k = GGML_TYPE_F32;
         cp.type_v = GGML_TYPE_F32;
     }
+    if (m.info().n_gpu_layers > 0) {
+        // record where the attention nodes run (asks only: no node's data is waited for)
+        cp.cb_eval           = eval_callback;
+        cp.cb_eval_user_data = this;
+    }
 
     ctx_ = llama_init_from_model(m.get(), cp);
     if (!ctx_) {
@@ -360,6 +380,32 @@ context::context(model & m, const context_params & params) : model_(m), params_(
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
     max_outputs_ = params.n_outputs_max > 0 ? params.n_outputs_max :
         std::max<int32_t>(16, std::min<int32_t>(params_.n_batch, (int32_t) ((256u << 20) / (4u*(uint32_t) m.info().n_vocab))));
+}
+
+bool context::eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
+    if (!ask || (t->op != GGML_OP_SOFT_MAX && t->op != GGML_OP_FLASH_ATTN_EXT)) {
+        return false;
+    }
+    auto * self = (context *) user_data;
+    const bool biased = t->op == GGML_OP_SOFT_MAX ? t->src[3] != nullptr : t->src[5] != nullptr;
+    ggml_backend_dev_t dev = t->buffer ? ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer)) : nullptr;
+    const std::string name = dev ? ggml_backend_dev_name(dev) : "CPU";
+    auto it = std::find_if(self->placement_.begin(), self->placement_.end(),
+                           [&](const attention_placement & p) { return p.device == name; });
+    if (it == self->placement_.end()) {
+        self->placement_.push_back({ name, 0, 0 });
+        it = self->placement_.end() - 1;
+    }
+    it->n_nodes++;
+    it->n_biased += biased;
+    return false;
+}
+
+std::vector<attention_placement> context::attention_devices() const {
+    if (model_.info().n_gpu_layers == 0) {
+        return { { "CPU", 0, 0 } };
+    }
+    return placement_;
 }
 
 context::~context() {
@@ -445,6 +491,7 @@ void context::decode_segments(std::vector<segment> & segs) {
         }
 
         const auto t0 = std::chrono::steady_clock::now();
+        placement_.clear();
         const int32_t rc = llama_decode(ctx_, batch_);
         stats_.t_decode_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (rc != 0) {

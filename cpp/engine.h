@@ -34,11 +34,23 @@ struct model_info {
     bool    add_bos    = false;
     llama_token bos    = LLAMA_TOKEN_NULL;
     llama_token eos    = LLAMA_TOKEN_NULL;
+    int32_t n_gpu_layers = 0;          // layers offloaded (0: CPU only)
+    std::vector<std::string> gpu_devices; // the GPU devices llama.cpp offloads to (none: CPU build or -ngl 0)
+};
+
+// where the attention nodes of the last llama_decode ran: per device, the SOFT_MAX / FLASH_ATTN_EXT nodes
+// and how many of them carried the first-token bias
+struct attention_placement {
+    std::string device;
+    int32_t n_nodes  = 0;
+    int32_t n_biased = 0;
 };
 
 class model {
 public:
-    explicit model(const std::string & path);
+    // n_gpu_layers: layers to offload to a GPU backend (llama.cpp's -ngl); negative: all of them. Without a
+    // GPU backend in the build (or with no device) everything runs on the CPU whatever the value.
+    explicit model(const std::string & path, int32_t n_gpu_layers = -1);
     ~model();
 
     model(const model &) = delete;
@@ -131,6 +143,10 @@ public:
     const score_stats & stats() const { return stats_; }
     void reset_stats() { stats_ = {}; }
 
+    // where the attention of the last llama_decode ran (recorded only when layers are offloaded to a GPU;
+    // otherwise one CPU entry counting nothing)
+    std::vector<attention_placement> attention_devices() const;
+
     const context_params & params() const { return params_; }
     const model & get_model() const { return model_; }
 
@@ -148,6 +164,9 @@ private:
     llama_batch batch_{};
     int32_t max_outputs_ = 64; // logits computed by one llama_decode at most (bounds the output buffer)
     score_stats stats_;
+
+    static bool eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+    std::vector<attention_placement> placement_;
 
     // decoded tokens of seq 0 (the prefix shared by the current call), kept across groups
     std::vector<llama_token> prefix_;

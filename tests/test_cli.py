@@ -194,11 +194,14 @@ def test_calibrate_errors_are_one_line(tiny: Path, tmp_path: Path, case: str, me
 
 def test_eval_reports_both_scorings(tiny: Path, tmp_path: Path) -> None:
     task = _task(tmp_path / "task.jsonl", 24)
-    code, stdout, _ = _run("eval", str(tiny), "--task", str(task), "--json", "--threads", "1")
+    code, stdout, _ = _run(
+        "eval", str(tiny), "--task", str(task), "--json", "--threads", "1", "--gpu-layers", "0"
+    )
     assert code == 0
     out = json.loads(stdout)
     assert out["n"] == 24 and 0 <= out["accuracy_choice"] <= 1 and 0 <= out["invalid_rate"] <= 1
     assert out["bias"] == "off" and out["items_per_s"] > 0
+    assert out["gpu_layers"] == 0 and out["attention"] == "CPU (no GPU offload)"
 
 
 def test_tools_path() -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from zt_gguf.engine import Context, EngineError, Model, fit_n_ctx
+from zt_gguf.engine import AttentionPlacement, Context, EngineError, Model, describe_attention, fit_n_ctx
 from zt_gguf.tasks import Item
 from zt_gguf.testing import make_tiny_gemma3, make_tiny_llama
 
@@ -331,3 +332,25 @@ def test_logit_bias_and_next_token_figures_against_single_sequence_decodes(tiny:
     assert changed >= 3
     with pytest.raises(EngineError, match="outside the vocabulary"):
         ctx.score(items[:1], n_gen=2, logit_bias=[(model.n_vocab, 1.0)])
+
+
+def test_gpu_layers_on_a_cpu_build_and_the_attention_report(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="gpu_layers"):
+        Model(tiny, gpu_layers=-2)
+    cpu = Model(tiny, gpu_layers=0)
+    assert cpu.n_gpu_layers == 0 and cpu.gpu_devices == []
+    ctx = Context(cpu)
+    assert ctx.probe_attention(
+        np.full(cpu.bias_shape, 0.5, np.float32), Item("a cat", (" sat", " dog"), 0, "0")
+    ) == ("CPU (no GPU offload)")
+    assert ctx.get_bias() is not None  # the probe leaves its biases set
+
+    class Offloaded:  # what describe_attention reads of a model with offloaded layers
+        n_gpu_layers, gpu_devices = 3, ["Vulkan0"]
+
+    fake: Any = Offloaded()
+    assert describe_attention(fake, []).startswith("not recorded yet (3 layers offloaded to Vulkan0)")
+    where = [AttentionPlacement("CPU", 1, 0), AttentionPlacement("Vulkan0", 5, 5)]
+    assert describe_attention(fake, where) == (
+        "Vulkan0 (5 of 6 attention nodes, 5 with the bias), CPU (1 of 6 attention nodes)"
+    )

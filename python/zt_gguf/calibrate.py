@@ -65,6 +65,7 @@ class CalibrateOptions:
     max_items: int | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     n_threads: int = 2
+    gpu_layers: int | None = None  # None: all layers on a GPU backend when there is one (engine.Model)
     n_ctx: int | None = None  # None: fitted to the items (engine.fit_n_ctx)
     flash_attn: bool | None = None
     force: bool = False
@@ -94,6 +95,8 @@ class Outcome:
     warnings: list[str]
     timings: dict[str, float]
     comparison: baselines.Comparison | None = None  # the output-side baselines on the held-out items
+    attention: str = ""  # where attention ran with the chosen biases (engine.describe_attention)
+    gpu_layers: int = 0  # layers offloaded to a GPU backend
 
 
 def _label_words(items: Sequence[Item]) -> list[str]:
@@ -248,7 +251,7 @@ def calibrate(
     if not calib:
         raise CalibrationError(f"{task.path}: no items left for calibration")
 
-    model = Model(model_path)
+    model = Model(model_path, gpu_layers=options.gpu_layers)
     n_gen = options.n_gen if options.scoring != "choice" else 1
     n_ctx = options.n_ctx or fit_n_ctx(model, [*calib, *held], options.search.chunk_size, n_gen)
     ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx, flash_attn=options.flash_attn)
@@ -376,6 +379,7 @@ def calibrate(
             f"({100 * v.best_free.accuracy:.1f}% vs {100 * v.shipped.accuracy:.1f}%): use "
             f"{_use_instead(v.best_free)} (or --force to write the tuned file)"
         )
+    attention = ctx.probe_attention(result.bias if np.any(result.bias) else None, calib[0])
     if output is not None and reason is None:
         provenance = provenance_of(task, mode, options, scoring, objective, result, heldout, len(calib))
         provenance.update(comparison_provenance(comparison))
@@ -395,6 +399,8 @@ def calibrate(
         warnings=warnings,
         timings={"search_s": t_search, "heldout_s": t_heldout, "total_s": time.monotonic() - t0},
         comparison=comparison,
+        attention=attention,
+        gpu_layers=model.n_gpu_layers,
     )
 
 

@@ -117,6 +117,12 @@ task_options = [
     click.option("--allow-duplicate-choices", is_flag=True, help="Accept items that repeat a choice."),
     click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads."),
     click.option(
+        "--gpu-layers",
+        type=click.IntRange(min=0),
+        help="Layers offloaded to a GPU backend (llama.cpp's -ngl; default: all when zt-gguf was built with "
+        "Vulkan or CUDA and a device is present; 0: CPU only).",
+    ),
+    click.option(
         "--ctx",
         "n_ctx",
         type=click.IntRange(min=64),
@@ -262,6 +268,7 @@ def calibrate_cmd(
     max_items: int | None,
     allow_duplicate_choices: bool,
     threads: int,
+    gpu_layers: int | None,
     n_ctx: int | None,
     as_json: bool,
     output: Path | None,
@@ -329,6 +336,7 @@ def calibrate_cmd(
             seed=seed,
             search=cfg,
             n_threads=threads,
+            gpu_layers=gpu_layers,
             n_ctx=n_ctx,
             force=force,
             check_items=check_items,
@@ -381,7 +389,13 @@ def _report(
     r = o.result
     rep = report.Report(
         command=sys.argv[:],
-        model={"path": str(model), "n_layer": int(r.bias.shape[0]), "n_head": int(r.bias.shape[1])},
+        model={
+            "path": str(model),
+            "n_layer": int(r.bias.shape[0]),
+            "n_head": int(r.bias.shape[1]),
+            "gpu_layers": o.gpu_layers,
+            "attention": o.attention,
+        },
         task={
             "path": str(task.path),
             "sha256": task.sha256,
@@ -465,6 +479,7 @@ def eval_cmd(
     max_items: int | None,
     allow_duplicate_choices: bool,
     threads: int,
+    gpu_layers: int | None,
     n_ctx: int | None,
     as_json: bool,
     no_bias: bool,
@@ -484,7 +499,7 @@ def eval_cmd(
     """
     from . import baselines as bl
     from .calibrate import content_free_items
-    from .engine import Context, Model, fit_n_ctx
+    from .engine import Context, Model, describe_attention, fit_n_ctx
 
     try:
         info = _check_model(model)
@@ -500,7 +515,7 @@ def eval_cmd(
                 )
             except gguf_meta.GGUFMetaError:
                 prov = {}
-        m = Model(model)
+        m = Model(model, gpu_layers=gpu_layers)
         ctx = Context(m, n_threads=threads, n_ctx=n_ctx or fit_n_ctx(m, task.items, EVAL_CHUNK, n_gen))
         if no_bias:
             ctx.set_bias(None)
@@ -531,6 +546,7 @@ def eval_cmd(
         t0 = time.monotonic()
         scores = score_all(task.items)
         seconds = time.monotonic() - t0
+        attention = describe_attention(m, ctx.attention_devices())
         cf_items = content_free_items(task, task.items)
         cf_scores = ctx.score(cf_items, n_gen=1) if cf_items else []
         corrected = (
@@ -548,6 +564,8 @@ def eval_cmd(
         "model": str(model),
         "task": str(task.path),
         "bias": "off" if applied is None else ("file" if bias is not None else "stored"),
+        "gpu_layers": m.n_gpu_layers,
+        "attention": attention,
         **report.heldout_metrics(summary),
         "mean_entropy_full": summary.mean_entropy_full,
         "mutual_information": summary.mutual_information,
@@ -566,6 +584,7 @@ def eval_cmd(
         _emit_json(out)
         return
     click.echo(f"{model.name} on {task.path.name} ({len(task.items)} items, bias {out['bias']})")
+    click.echo(f"  attention on {attention}")
     for key in ("accuracy_generate", "accuracy_choice"):
         acc, iv = out[key], out["intervals"][key]
         if acc is not None:
@@ -765,6 +784,7 @@ def demo_cmd(
         max_items=max_items,
         allow_duplicate_choices=False,
         threads=threads,
+        gpu_layers=None,
         n_ctx=None,
         as_json=as_json,
         output=out,

@@ -66,13 +66,43 @@ def fit_n_ctx(model: Model, items: Sequence[Item], per_call: int, n_gen: int = 0
     return -(-n // N_CTX_STEP) * N_CTX_STEP
 
 
-class Model:
-    """A GGUF model loaded by the patched llama.cpp."""
+@dataclass(frozen=True)
+class AttentionPlacement:
+    """The attention nodes (SOFT_MAX / FLASH_ATTN_EXT) of one decode that ran on one device."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    device: str
+    n_nodes: int
+    n_biased: int
+
+
+def describe_attention(model: Model, placements: Sequence[AttentionPlacement]) -> str:
+    """One line: where attention ran, e.g. "Vulkan0 (18 of 18 attention nodes, 18 with the bias)"."""
+    if model.n_gpu_layers == 0:
+        return "CPU (no GPU offload)"
+    total = sum(p.n_nodes for p in placements)
+    if total == 0:
+        return f"not recorded yet ({model.n_gpu_layers} layers offloaded to {', '.join(model.gpu_devices)})"
+    parts = [
+        f"{p.device} ({p.n_nodes} of {total} attention nodes"
+        + (f", {p.n_biased} with the bias)" if p.n_biased else ")")
+        for p in sorted(placements, key=lambda p: -p.n_nodes)
+    ]
+    return ", ".join(parts)
+
+
+class Model:
+    """A GGUF model loaded by the patched llama.cpp.
+
+    gpu_layers: layers offloaded to a GPU backend (llama.cpp's -ngl); None (the default) offloads all of them
+    when the build has a GPU backend (Vulkan, CUDA) with a device, 0 keeps everything on the CPU.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], gpu_layers: int | None = None):
         self.path = Path(path)
+        if gpu_layers is not None and gpu_layers < 0:
+            raise ValueError(f"gpu_layers must be >= 0 (or None for all), not {gpu_layers}")
         try:
-            self._m = _core.Model(str(self.path))
+            self._m = _core.Model(str(self.path), -1 if gpu_layers is None else gpu_layers)
         except _core.EngineError as e:
             raise EngineError(str(e)) from None
         info = self._m.info
@@ -87,6 +117,8 @@ class Model:
         self.add_bos: bool = info.add_bos
         self.bos: int = info.bos
         self.eos: int = info.eos
+        self.n_gpu_layers: int = info.n_gpu_layers
+        self.gpu_devices: list[str] = list(info.gpu_devices)
 
     @property
     def bias_shape(self) -> tuple[int, int]:
@@ -148,6 +180,18 @@ class Context:
     @property
     def stats(self) -> dict[str, float]:
         return dict(self._c.stats)
+
+    def attention_devices(self) -> list[AttentionPlacement]:
+        """Where the attention nodes of the last decode ran, per device (recorded when layers are
+        offloaded)."""
+        return [AttentionPlacement(d, n, b) for d, n, b in self._c.attention_devices()]
+
+    def probe_attention(self, bias: np.ndarray | None, item: Item) -> str:
+        """Where attention runs with these biases: one item scored under them, described by
+        :func:`describe_attention`. The context keeps the biases (its KV cache is cleared, as by set_bias)."""
+        self.set_bias(bias)
+        self.score([item], n_gen=1)
+        return describe_attention(self.model, self.attention_devices())
 
     def reset_stats(self) -> None:
         self._c.reset_stats()

@@ -726,6 +726,8 @@ def format_summary(report: Report) -> str:
         name = Path(str(model.get("path") or "")).name or model.get("arch") or "model"
         dims = f" ({model['n_layer']} layers x {model['n_head']} heads)" if "n_layer" in model else ""
         head += f": {name}{dims}"
+        if model.get("attention"):
+            head += f"; attention on {model['attention']}"
     if task:
         head += f", task {Path(str(task.get('path') or '')).name or '?'}"
     lines.append(head)
