@@ -100,7 +100,8 @@ def test_sliding_window_model_offloaded_equals_cpu(tmp_path: Path, tiny: Path) -
         lp_gpu, where = _scores(gpu, fa, bias, items)
         lp_cpu, _ = _scores(cpu, fa, bias, items)
         np.testing.assert_allclose(lp_gpu, lp_cpu, atol=ATOL)
-        assert all(p.device != "CPU" for p in where), where
+        assert [p.device for p in where] == gpu.gpu_devices[:1], where
+        assert where[0].n_nodes == where[0].n_biased > 0, where
 
 
 def _backend_ops(device: str, op: str, params: str, timeout: float) -> subprocess.CompletedProcess[str]:
