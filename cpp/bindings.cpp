@@ -66,6 +66,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("choice_logprob", &zt::item_score::choice_logprob)
         .def_readonly("choice_n_tokens", &zt::item_score::choice_n_tokens)
         .def_readonly("choice_first_logprob", &zt::item_score::choice_first_logprob)
+        .def_readonly("choice_greedy", &zt::item_score::choice_greedy)
         .def_readonly("entropy_full", &zt::item_score::entropy_full)
         .def_readonly("entropy_choices", &zt::item_score::entropy_choices)
         .def_readonly("choice_next_token", &zt::item_score::choice_next_token)

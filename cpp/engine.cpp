@@ -264,11 +264,6 @@ static dist_stats full_stats(const float * x, int32_t n) {
     return { r.max + std::log(r.sum), std::log(r.sum) - r.sum_px / r.sum, am };
 }
 
-static double log_sum_exp(const float * x, int32_t n) {
-    const row_sums r = row_exp_sums<false>(x, n);
-    return r.max + std::log(r.sum);
-}
-
 // the greedy token under a logit bias (sorted by token): the first maximum of x[t] + bias(t)
 static llama_token biased_argmax(const float * x, int32_t n, const std::vector<std::pair<llama_token, float>> & bias) {
     auto biased = [&](llama_token t) {
@@ -597,6 +592,7 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
         p.out->n_prompt_tokens = (int32_t) p.prompt.size();
         p.out->choice_logprob.assign(it.choices.size(), 0.0);
         p.out->choice_first_logprob.assign(it.choices.size(), 0.0);
+        p.out->choice_greedy.assign(it.choices.size(), 1);
         p.out->choice_n_tokens.resize(it.choices.size());
         for (size_t c = 0; c < p.whole.size(); ++c) {
             p.out->choice_n_tokens[c] = (int32_t) p.whole[c].size() - p.branch;
@@ -807,11 +803,13 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
             s.n      = p->branch - g;
             s.outputs = { s.n - 1 };
             s.on_logits = [&, p](int32_t, const float * x) {
-                const double lse = log_sum_exp(x, n_vocab);
+                const row_sums r = row_exp_sums<false>(x, n_vocab);
+                const double lse = r.max + std::log(r.sum);
                 for (size_t c = 0; c < p->whole.size(); ++c) {
                     const double lp = (double) x[p->whole[c][p->branch]] - lse;
                     p->out->choice_logprob[c]       = lp;
                     p->out->choice_first_logprob[c] = lp;
+                    p->out->choice_greedy[c]        = x[p->whole[c][p->branch]] >= r.max;
                 }
                 if (p->branch == (int32_t) p->prompt.size()) {
                     on_prompt_end(*p, x);
@@ -843,8 +841,12 @@ void context::run_group(const std::vector<plan *> & group, int32_t g, const scor
                 }
                 s.on_logits = [&, p, c](int32_t j, const float * x) {
                     const auto & wc = p->whole[c];
-                    const double lp = (double) x[wc[p->branch + j + 1]] - log_sum_exp(x, n_vocab);
+                    const row_sums r = row_exp_sums<false>(x, n_vocab);
+                    const double lp = (double) x[wc[p->branch + j + 1]] - (r.max + std::log(r.sum));
                     p->out->choice_logprob[c] += lp;
+                    if (x[wc[p->branch + j + 1]] < r.max) {
+                        p->out->choice_greedy[c] = 0;
+                    }
                 };
                 segs.push_back(std::move(s));
             }

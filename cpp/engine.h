@@ -101,6 +101,7 @@ struct item_score {
     std::vector<double>  choice_logprob;  // sum of log p(choice tokens | prompt)
     std::vector<int32_t> choice_n_tokens;
     std::vector<double>  choice_first_logprob; // log p(first choice token | prompt)
+    std::vector<uint8_t> choice_greedy;  // 1 when every choice token is its row's most likely token
     double entropy_full    = 0.0; // entropy (nats) of the next-token distribution after the prompt
     double entropy_choices = 0.0; // the same, renormalised over the choices' distinct first tokens
     // the token each choice continues the whole prompt with (-1 on a token merge) and its log p after the

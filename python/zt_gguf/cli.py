@@ -809,6 +809,40 @@ def demo_cmd(
     )
 
 
+# --- lm-eval
+
+
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--no-bias", is_flag=True, help="Turn off the biases stored in MODEL (the untuned model).")
+@click.option(
+    "--gpu-layers",
+    type=click.IntRange(min=0),
+    help="Layers offloaded to a GPU backend (default: all when built with Vulkan or CUDA; 0: CPU only).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads.")
+@click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(
+    model: Path, no_bias: bool, gpu_layers: int | None, threads: int, lm_eval_args: tuple[str, ...]
+) -> None:
+    """Run lm-evaluation-harness on MODEL through the batched engine (lm-eval's model "zt-gguf"); the
+    arguments after -- go to lm-eval's command line as they are (it needs `pip install ".[lmeval]"`).
+
+    \b
+    Example:
+      zt-gguf lm-eval tuned.gguf -- --tasks my_task --include_path tasks/ --output_path out/
+      zt-gguf lm-eval tuned.gguf --no-bias -- --tasks my_task --include_path tasks/ --log_samples
+    """
+    from . import lmeval
+    from .engine import EngineError
+
+    try:
+        rc = lmeval.run_cli(model, lm_eval_args, no_bias=no_bias, gpu_layers=gpu_layers, threads=threads)
+    except (lmeval.LMEvalError, EngineError) as e:
+        raise _fail(e) from None
+    sys.exit(rc)
+
+
 # --- tools
 
 

@@ -39,6 +39,8 @@ class Scores:
     choice_next_token: np.ndarray | None = None  # int32 [n_choices]
     choice_next_logprob: np.ndarray | None = None  # float64 [n_choices]
     other_next_logprob: float = float("nan")
+    # every choice token is the most likely token at its place (lm-evaluation-harness's is_greedy)
+    choice_greedy: np.ndarray | None = None  # bool [n_choices]
 
 
 DEFAULT_N_CTX = 4096
@@ -251,6 +253,7 @@ class Context:
                 choice_next_token=np.asarray(r.choice_next_token, dtype=np.int32),
                 choice_next_logprob=np.asarray(r.choice_next_logprob, dtype=np.float64),
                 other_next_logprob=float(r.other_next_logprob),
+                choice_greedy=np.asarray(r.choice_greedy, dtype=bool),
             )
             for r in raw
         ]
