@@ -74,6 +74,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
         shape = (plain.hparams.n_layer, plain.hparams.n_head)
         bias = np.random.default_rng(5).uniform(-2.0, 2.0, size=shape).astype(np.float32)
         out[arch] = make(folder / f"{arch}-tuned.gguf", seed=11, biases=bias)
+        out[arch + "-plain"] = plain
     return out
 
 
@@ -150,12 +151,21 @@ def _check_echo(
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("bias", ["stored", "none"])
+@pytest.mark.parametrize("bias", ["stored", "none", "file"])
 def test_echo_prompt_logprobs_equal_the_engine(
-    models: dict[str, TinyModel], start_server: Callable[..., Server], arch: str, bias: str
+    models: dict[str, TinyModel], start_server: Callable[..., Server], arch: str, bias: str, tmp_path: Path
 ) -> None:
+    """The bias the server applies: the stored one, none (--no-attn-ftb), or a file's on a plain model
+    (--attn-ftb FILE)."""
     tm = models[arch]
-    server = start_server(tm.path, *(["--no-attn-ftb"] if bias == "none" else []))
+    if bias == "file":
+        assert tm.biases is not None
+        bias_file = tmp_path / "bias.json"
+        bias_file.write_text(json.dumps([float(v) for v in tm.biases.reshape(-1)]))
+        server = start_server(models[arch + "-plain"].path, "--attn-ftb", str(bias_file))
+        bias = "stored"  # the plain model with the file's bias is the tuned model with its own
+    else:
+        server = start_server(tm.path, *(["--no-attn-ftb"] if bias == "none" else []))
     ref = Ref(tm.path, bias)
     other = Ref(tm.path, "none" if bias == "stored" else "stored")
     effect = 0.0
@@ -383,7 +393,7 @@ def test_lm_eval_routes_equal_the_engine(
                 ATOL if route == "gguf" else 2e-2
             )  # the engine route runs flash attention where it is fastest
             np.testing.assert_allclose(got[route][0][i], sc.choice_logprob, atol=tol, rtol=0, err_msg=route)
-        # ... local-completions sends the remote tokenizer's ids (no BOS), scores the tokens after the context's
+        # ... local-completions sends the remote tokenizer's ids (no BOS), scores the tokens after the context
         ctx_ids = model.tokenize(it["prompt"], add_special=False)
         for c, choice in enumerate(it["choices"]):
             whole = model.tokenize(it["prompt"] + choice, add_special=False)
@@ -421,3 +431,55 @@ def test_zt_gguf_lm_eval_errors_are_one_line(tmp_path: Path) -> None:
         )
         assert r.returncode != 0
         assert word in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+class _Request:
+    """What lm-eval hands a model: an object with .args."""
+
+    def __init__(self, *args: Any):
+        self.args = args
+
+
+def test_zt_gguf_model_generate_until_and_rolling_equal_the_engine(models: dict[str, TinyModel]) -> None:
+    from zt_gguf.lmeval import make_lm_class
+
+    tm = models["llama"]
+    lm = make_lm_class()(model=str(tm.path), threads="1")
+    ref = Ref(tm.path, "stored")
+    # loglikelihood_rolling: the whole string after BOS
+    texts = ["the cat sat on the mat", "hello world one two three four"]
+    got = lm.loglikelihood_rolling([_Request(t) for t in texts], disable_tqdm=True)
+    for t, g in zip(texts, got, strict=True):
+        tokens = ref.model.tokenize(t)
+        rows = ref.rows(tokens)
+        want = sum(rows[i - 1, tokens[i]] for i in range(1, len(tokens)))
+        assert abs(g - want) <= 2e-2  # the engine's flash attention (F16 K/V) against none
+    # generate_until: the greedy continuation (the engine's logits, token by token), cut at a stop string
+    prompt = "the cat sat on"
+    tokens = ref.model.tokenize(prompt)
+    greedy = []
+    for _ in range(6):
+        nxt = int(np.argmax(ref.rows(tokens + greedy)[-1]))
+        greedy.append(nxt)
+    full = ref.model.detokenize(greedy)
+    (text,) = lm.generate_until([_Request(prompt, {"until": [], "max_gen_toks": 6})], disable_tqdm=True)
+    assert text == full
+    stop = full[len(full) // 2 :][:2]
+    if stop.strip():
+        (cut,) = lm.generate_until(
+            [_Request(prompt, {"until": [stop], "max_gen_toks": 6})], disable_tqdm=True
+        )
+        assert cut == full[: full.find(stop)]
+    # loglikelihood with is_greedy: a continuation that is the greedy token (one whose text tokenizes back to
+    # it after the prompt) is greedy, another is not
+    for p in ("a cat", "on to sat a", "that sat is in sat one"):
+        t = ref.model.tokenize(p)
+        best = int(np.argmax(ref.rows(t)[-1]))
+        first = ref.model.detokenize([best])
+        if ref.model.tokenize(p + first) == t + [best]:
+            break
+    else:
+        pytest.fail("no prompt whose greedy token tokenizes back to itself")
+    other = " mat" if first != " mat" else " dog"
+    (ll_g, g1), (ll_o, g2) = lm.loglikelihood([_Request(p, first), _Request(p, other)], disable_tqdm=True)
+    assert g1 and not g2 and ll_g > ll_o
