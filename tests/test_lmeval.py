@@ -211,6 +211,25 @@ def test_max_tokens_zero_and_token_id_prompts(
     assert [c["text"] for c in by_index] == [PROMPTS[1], PROMPTS[2]]
 
 
+def test_prompt_logprobs_rows_option(
+    models: dict[str, TinyModel], start_server: Callable[..., Server]
+) -> None:
+    """--prompt-logprobs-rows 3: a prompt is scored 3 rows a batch, with the same result; 0: refused (400)."""
+    tm = models["gemma3"]
+    ref = Ref(tm.path, "stored")
+    prompt = " ".join(["the cat sat on the mat"] * 4)
+    tokens = ref.model.tokenize(prompt)
+    assert len(tokens) > 10
+    server = start_server(tm.path, "--prompt-logprobs-rows", "3")
+    _check_echo(_echo(server, prompt), tokens, ref.rows(tokens), prompt, n_gen=1)
+    server = start_server(tm.path, "--prompt-logprobs-rows", "0")
+    status, res = _post(server, "/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 1})
+    assert status == 400 and "--prompt-logprobs-rows" in res["error"]["message"]
+    # echo without logprobs, and logprobs without echo, still work there
+    status, res = _post(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 1})
+    assert status == 200 and res["choices"][0]["text"].startswith(prompt)
+
+
 def test_concurrent_echo_requests_on_four_slots(
     models: dict[str, TinyModel], start_server: Callable[..., Server]
 ) -> None:

@@ -35,7 +35,7 @@ def _commands() -> list[str]:
     cmds = []
     for block in _blocks("bash"):
         for line in block.splitlines():
-            line = line.split("  #")[0].strip()
+            line = line.split("  #")[0].strip().removesuffix(" &")
             if line.startswith("zt-gguf ") and line != "zt-gguf demo" and "&&" not in line:
                 cmds.append(line)
     return cmds
@@ -85,6 +85,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         shutil.copy(model, d / name)
     write_tiny_task(d / "data.jsonl", 40, seed=5, balanced=True)
     write_tiny_task(d / "test.jsonl", 20, seed=6, balanced=True)
+    # the lm-eval task of the README's YAML block, on data.jsonl (for the `zt-gguf lm-eval` lines)
+    (yaml,) = _blocks("yaml")
+    (d / "tasks").mkdir()
+    (d / "tasks" / "my_task.yaml").write_text(yaml.replace("/abs/path/data.jsonl", str(d / "data.jsonl")))
     # the tuned model the README's later commands use
     res = subprocess.run(
         [
