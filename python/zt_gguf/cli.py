@@ -259,6 +259,12 @@ def _layers(value: str | None) -> tuple[int, int | None]:
     "--force", is_flag=True, help="Write the biases even if they do not beat the baseline on held-out items."
 )
 @click.option("--no-resume", is_flag=True, help="Ignore the checkpoint of an interrupted run.")
+@click.option(
+    "--profile-out",
+    type=click.Path(path_type=Path),
+    help="Also write the tuned biases as a profile (a small GGUF, or JSON for a .json name) for serving "
+    "several tunings of one model (zt_gguf.profiles).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def calibrate_cmd(
     model: Path,
@@ -289,6 +295,7 @@ def calibrate_cmd(
     check_path: Path | None,
     force: bool,
     no_resume: bool,
+    profile_out: Path | None,
     quiet: bool,
 ) -> None:
     """Find first-token biases for a task and write a tuned GGUF plus a report.
@@ -297,12 +304,15 @@ def calibrate_cmd(
     Example:
       zt-gguf calibrate model.Q4_K_M.gguf --task data.jsonl
       zt-gguf calibrate model.gguf --task sst2.jsonl --scoring choice --search bands -o tuned.gguf
+      zt-gguf calibrate model.gguf --task sst2.jsonl --profile-out sst2.profile.gguf
     """
     try:
         _check_model(model)
         out = output or _default_output(model)
         if _same_file(model, out):
             raise UserError(f"{out}: the output would overwrite the input model; choose another -o")
+        if profile_out is not None and (_same_file(model, profile_out) or _same_file(out, profile_out)):
+            raise UserError(f"{profile_out}: --profile-out would overwrite the model or the tuned file")
         rdir = report_dir or out.with_name(
             out.name[: -len(".gguf")] + ".report" if out.name.endswith(".gguf") else out.name + ".report"
         )
@@ -363,6 +373,15 @@ def calibrate_cmd(
         )
         rep = _report(model, task, opts, outcome, time.monotonic() - t0)
         paths = report.write_report(rdir, rep, outcome.result.bias, title=f"{model.name}: gamma")
+        profile_msg = None
+        if profile_out is not None:
+            from . import profiles
+
+            if outcome.written is not None:
+                profiles.export_profile(outcome.written, profile_out)
+                profile_msg = f"profile: {profile_out}"
+            else:
+                profile_msg = f"no profile written to {profile_out}: no tuned file was written"
     except (
         tasks.TaskError,
         gguf_meta.GGUFMetaError,
@@ -374,10 +393,13 @@ def calibrate_cmd(
     ) as e:
         raise _fail(e) from None
     if as_json:
-        _emit_json({**rep.to_dict(), "report_files": {k: str(v) for k, v in paths.items()}})
+        extra = {"profile": str(profile_out) if profile_msg and profile_msg.startswith("profile:") else None}
+        _emit_json({**rep.to_dict(), "report_files": {k: str(v) for k, v in paths.items()}, **extra})
     else:
         click.echo(report.format_summary(rep))
         click.echo(f"report: {paths['report']}")
+    if profile_msg:
+        click.echo(f"zt-gguf: {profile_msg}", err=True)
     for w in outcome.warnings:
         if quiet or w not in logged_early:
             click.echo(f"zt-gguf: warning: {w}", err=True)
@@ -807,6 +829,32 @@ def demo_cmd(
         no_resume=False,
         quiet=False,
     )
+
+
+# --- export-profile
+
+
+@main.command("export-profile")
+@click.argument("tuned", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="a .gguf or .json file")
+def export_profile_cmd(tuned: Path, output: Path) -> None:
+    """Write the biases and provenance of a tuned GGUF as a profile: a small GGUF with no tensors (or JSON
+    for a .json name), for serving several tunings of one base model.
+
+    \b
+    Example:
+      zt-gguf export-profile sst2.zt.gguf -o sst2.profile.gguf
+      zt-gguf export-profile sst2.zt.gguf -o sst2.profile.json
+    """
+    from . import profiles
+
+    try:
+        if _same_file(tuned, output):
+            raise UserError(f"{output}: is the input file; write the profile to another path")
+        profiles.export_profile(tuned, output)
+    except (profiles.ProfileError, gguf_meta.GGUFMetaError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(str(output))
 
 
 # --- lm-eval

@@ -122,6 +122,11 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     return _model_info(_scan(path))
 
 
+def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The zerotuning.* keys of any GGUF (a model or a bias-only sidecar), without the prefix."""
+    return _read_provenance(_scan(Path(path)))
+
+
 def validate_biases(biases: Any, info: ModelInfo, source: str | os.PathLike[str] | None = None) -> np.ndarray:
     """biases as a float32 [n_layer, n_head] array; GGUFMetaError naming source (or the model) if not."""
     where = str(source) if source is not None else str(info.path)
@@ -223,10 +228,17 @@ def strip(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     return write_tuned(src, dst, None, None)
 
 
-def write_bias_gguf(path: str | os.PathLike[str], biases: Any, arch: str) -> Path:
-    """Write a small GGUF holding only general.architecture and the bias key (for llama.cpp's
-    --attn-ftb FILE); biases is [n_layer, n_head]. The write is atomic."""
+def write_bias_gguf(
+    path: str | os.PathLike[str],
+    biases: Any,
+    arch: str,
+    provenance: Mapping[str, ProvenanceValue] | None = None,
+) -> Path:
+    """Write a small GGUF holding only general.architecture, the bias key (for llama.cpp's
+    --attn-ftb FILE) and the zerotuning.* provenance given (with or without the prefix); biases is
+    [n_layer, n_head]. The write is atomic."""
     path = Path(path)
+    prov = _provenance_items(provenance, path)
     if not isinstance(arch, str) or not arch or not arch.isascii() or not arch.isprintable() or " " in arch:
         raise GGUFMetaError(f"{path}: invalid architecture name {arch!r}")
     try:
@@ -244,6 +256,15 @@ def write_bias_gguf(path: str | os.PathLike[str], biases: Any, arch: str) -> Pat
         writer.add_key_value(
             bias_key(arch), [float(v) for v in values.reshape(-1)], GGUFValueType.ARRAY, GGUFValueType.FLOAT32
         )
+        for key, value in prov:
+            if isinstance(value, bool):
+                writer.add_key_value(key, value, GGUFValueType.BOOL)
+            elif isinstance(value, int):
+                writer.add_key_value(key, value, GGUFValueType.INT64)
+            elif isinstance(value, float):
+                writer.add_key_value(key, value, GGUFValueType.FLOAT64)
+            else:
+                writer.add_key_value(key, value, GGUFValueType.STRING)
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()

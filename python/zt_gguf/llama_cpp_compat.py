@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -196,3 +197,20 @@ def get_first_token_bias(llm: Llama) -> np.ndarray | None:
 
 def _n_layer(llm: Llama) -> int:
     return int(import_llama_cpp().llama_model_n_layer(llm._model.model))
+
+
+def use_profile(llm: Llama, name: str | None, profiles: Mapping[str, Any]) -> bool:
+    """Switch llm to a named profile (zt_gguf.profiles: a loaded profile's name, "none" or "stored"). The
+    bias is set, and the KV cache cleared, only when it changes; returns whether it changed."""
+    from . import gguf_meta
+    from .profiles import resolve
+
+    info = gguf_meta.read_model_info(llm.model_path)
+    want = resolve(profiles, name, info)
+    have = get_first_token_bias(llm)
+    if (want is None and have is None) or (
+        want is not None and have is not None and have.shape == want.shape and np.array_equal(have, want)
+    ):
+        return False
+    set_first_token_bias(llm, want)
+    return True
