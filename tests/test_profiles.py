@@ -210,3 +210,160 @@ def test_llama_cpp_python_switches_profiles(files: dict[str, Path]) -> None:
         for got in out["logits"][name]:
             np.testing.assert_allclose(np.array(got), want, atol=2e-4, rtol=0)
     np.testing.assert_array_equal(out["logits"]["stored"][0], out["logits"]["none"][0])
+
+
+# --- llama-server: per-request profiles (patch 0010) -----------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_load  # noqa: E402
+
+ATOL = 2e-4  # server vs engine, no flash attention in either (tests/test_tools.py)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A tiny Gemma-3 model with a stored bias, and three profiles: a GGUF sidecar, a JSON list and object."""
+    d = tmp_path_factory.mktemp("served")
+    plain = make_tiny_gemma3(d / "plain.gguf", seed=4)
+    shape = (plain.hparams.n_layer, plain.hparams.n_head)
+    rng = np.random.default_rng(12)
+    stored = rng.uniform(-2, 2, size=shape).astype(np.float32)
+    tuned = d / "tuned.gguf"
+    gguf_meta.write_tuned(plain.path, tuned, stored, {"task": "stored.jsonl"})
+    biases = {n: rng.uniform(-2, 2, size=shape).astype(np.float32) for n in ("p1", "p2", "p3")}
+    files = {
+        "p1": gguf_meta.write_bias_gguf(d / "p1.gguf", biases["p1"], "gemma3", {"task": "p1.jsonl", "n": 3}),
+        "p2": d / "p2.json",
+        "p3": d / "p3.json",
+    }
+    files["p2"].write_text(json.dumps([float(v) for v in biases["p2"].reshape(-1)]))
+    files["p3"].write_text(
+        json.dumps({"first_token_bias": biases["p3"].tolist(), "zerotuning": {"task": "p3"}})
+    )
+    return {"dir": d, "model": tuned, "stored": stored, "biases": biases, "files": files}
+
+
+def _error(server: bench_load.Server, body: dict) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
+def _start(served: dict, tmp: Path, *extra: str) -> bench_load.Server:
+    args = [a for n, f in served["files"].items() for a in ("--attn-ftb-profile", f"{n}={f}")]
+    return bench_load.start_server(served["model"], "--no-warmup", *args, *extra, threads=1, log_dir=tmp)
+
+
+def test_server_profiles_per_request_equal_single_profile_results(served: dict, tmp_path: Path) -> None:
+    """3 profiles + none + the stored bias, 4 slots, 240 concurrent requests with random profiles: every
+    prompt's log-probs (echo) equal the engine's with that profile's biases; no error; memory stable."""
+    server = _start(served, tmp_path)
+    try:
+        status, listing = bench_load.http(server.url + "/attn-ftb-profiles")
+        assert status == 200
+        by_name = {p["name"]: p for p in listing["profiles"]}
+        assert sorted(by_name) == ["p1", "p2", "p3"]
+        assert by_name["p1"]["shape"] == list(served["stored"].shape)
+        assert by_name["p1"]["provenance"] == {"task": "p1.jsonl", "n": 3}
+        assert by_name["p3"]["provenance"] == {"task": "p3"} and by_name["p2"]["provenance"] == {}
+
+        model = Model(served["model"])
+        ctx = Context(model, n_threads=1, flash_attn=False)
+        words = "the a of and to in is it that was for on hello world cat dog sat mat one two three".split()
+        rng = np.random.default_rng(5)
+        prompts = [" ".join(rng.choice(words, size=int(rng.integers(3, 24)))) for _ in range(12)]
+        choices = [None, "none", "p1", "p2", "p3"]
+        ref: dict[tuple[str | None, str], np.ndarray] = {}
+        for name in choices:
+            bias = {None: served["stored"], "none": None}.get(name, served["biases"].get(name or ""))
+            ctx.set_bias(bias)
+            for p in prompts:
+                t = model.tokenize(p)
+                rows = _log_softmax(ctx.logits(t))
+                ref[(name, p)] = np.array([rows[i - 1, t[i]] for i in range(1, len(t))])
+        jobs = [
+            (choices[int(rng.integers(len(choices)))], prompts[int(rng.integers(len(prompts)))])
+            for _ in range(240)
+        ]
+
+        def one(job: tuple[str | None, str]) -> tuple[int, list[float]]:
+            name, p = job
+            body = {"prompt": p, "echo": True, "logprobs": 1, "max_tokens": 0}
+            if name is not None:
+                body["attn_ftb"] = name
+            status, res = bench_load.http(server.url + "/v1/completions", body, timeout=120)
+            return status, ([] if status != 200 else res["choices"][0]["logprobs"]["token_logprobs"][1:])
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, jobs[:40]))  # warm-up burst
+            rss0 = bench_load.rss_kib(server.proc.pid)
+            results = list(pool.map(one, jobs))
+            rss1 = bench_load.rss_kib(server.proc.pid)
+        worst = 0.0
+        for (name, p), (status, got) in zip(jobs, results, strict=True):
+            assert status == 200, (name, p)
+            worst = max(worst, float(np.abs(np.array(got, dtype=np.float64) - ref[(name, p)]).max()))
+        assert worst <= ATOL, worst
+        # the profiles differ from each other where it matters
+        assert np.abs(ref[("p1", prompts[0])] - ref[("p2", prompts[0])]).max() > 0.1
+        assert rss1 - rss0 < 16 * 1024, (rss0, rss1)
+        # unknown and malformed names: 400 naming the field
+        for value, word in (
+            ("p9", "unknown \"attn_ftb\" profile 'p9'; known: none, p1, p2, p3"),
+            (3, "must be"),
+        ):
+            status, message = _error(server, {"prompt": "a", "attn_ftb": value})
+            assert status == 400 and word in message, (value, message)
+        assert bench_load.http(server.url + "/health")[0] == 200
+    finally:
+        assert bench_load.stop_server(server) == 0
+
+
+def test_server_refuses_bad_profile_files_at_start_up(served: dict, tmp_path: Path) -> None:
+    d = served["dir"]
+    (d / "short.json").write_text("[0.1, 0.2]")
+    (d / "broken.json").write_text("[0.1, ")
+    from zt_gguf.tools import tool_path
+
+    cases = [
+        (["--attn-ftb-profile", f"s={d / 'short.json'}"], "short.json"),
+        (["--attn-ftb-profile", f"b={d / 'broken.json'}"], "broken.json"),
+        (["--attn-ftb-profile", f"m={d / 'missing.gguf'}"], "missing.gguf"),
+        (["--attn-ftb-profile", f"none={served['files']['p1']}"], "reserved"),
+        (
+            [
+                "--attn-ftb-profile",
+                f"p={served['files']['p1']}",
+                "--attn-ftb-profile",
+                f"p={served['files']['p2']}",
+            ],
+            "twice",
+        ),
+        (["--attn-ftb-profile", "nofile"], "NAME=FILE"),
+    ]
+    for extra, word in cases:
+        r = subprocess.run(
+            [str(tool_path("llama-server")), "-m", str(served["model"]), "--no-warmup", "-t", "1",
+             "--port", str(bench_load.free_port()), *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode != 0, extra
+        assert word in r.stdout + r.stderr, (extra, (r.stdout + r.stderr)[-1500:])
