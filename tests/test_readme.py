@@ -132,7 +132,14 @@ def test_readme_command_runs(files: dict[str, Path], command: str) -> None:
     d = files["dir"]
     args = shlex.split(command)
     args[0] = _exe()
-    args = [str(d / a) if (d / a).exists() or a.endswith((".gguf", ".jsonl")) else a for a in args]
+
+    def in_d(a: str) -> str:
+        if "=" in a and a.endswith(".gguf"):  # NAME=FILE (--attn-ftb-profile): the file is in d
+            name, file = a.split("=", 1)
+            return f"{name}={d / file}"
+        return str(d / a) if (d / a).exists() or a.endswith((".gguf", ".jsonl")) else a
+
+    args = [in_d(a) for a in args]
     if "llama-server" in args:
         port = str(_free_port())
         args = [port if a == "8080" else a for a in args] + ["--host", "127.0.0.1", "-t", "1"]
