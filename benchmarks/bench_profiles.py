@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Several tunings of one model in one llama-server: mixed bias profiles vs one profile (issue 15).
+
+    python benchmarks/bench_profiles.py [--model PATH] [--requests 200] [--concurrency 16] [--rounds 3]
+                                        [--threads 2] [--n-predict 8] [--out benchmarks/results]
+
+The model (default: SmolLM2-135M-Instruct Q4_1 from zt_gguf.models) is served by llama-server -np 4 with four
+profiles (--attn-ftb-profile p1..p4: random biases, uniform in [-1, 1], on every head). Each round sends
+--requests greedy completions of --n-predict tokens (the prompts of bench_load.py, round-robin) through a
+client of --concurrency connections, twice: every request with "attn_ftb": "p1" (single), and each with one
+of p1..p4 at random (mixed). Requests of different profiles are never batched together (patch 0010), so a mix
+decodes in more, smaller batches. Single and mixed alternate --rounds times; the figure is
+median(requests/s mixed) / median(requests/s single) (target >= 0.9). Results: OUT/profiles.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_load  # noqa: E402
+from _common import machine, utc_now, write_record  # noqa: E402
+
+
+def run(
+    server: bench_load.Server, jobs: list[tuple[str, str]], n_predict: int, concurrency: int
+) -> tuple[float, int]:
+    def one(job: tuple[str, str]) -> bool:
+        profile, prompt = job
+        body = {
+            "prompt": prompt,
+            "n_predict": n_predict,
+            "temperature": 0,
+            "ignore_eos": True,
+            "attn_ftb": profile,
+        }
+        status, _ = bench_load.http(server.url + "/completion", body, timeout=300)
+        return status == 200
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        ok = list(pool.map(one, jobs))
+    dt = time.perf_counter() - t0
+    return len(jobs) / dt, sum(1 for o in ok if not o)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-predict", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    from zt_gguf import gguf_meta, models
+
+    model = args.model or models.smollm2_135m()
+    info = gguf_meta.read_model_info(model)
+    rng = np.random.default_rng(0)
+    prompts = bench_load.make_prompts(50)
+    names = ["p1", "p2", "p3", "p4"]
+    single = [("p1", prompts[i % len(prompts)]) for i in range(args.requests)]
+    mixed = [(names[int(rng.integers(4))], prompts[i % len(prompts)]) for i in range(args.requests)]
+    doc: dict[str, Any] = {
+        "command": "bench_profiles.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "date": utc_now(),
+        "model": model.name,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "n_predict": args.n_predict,
+        "threads": args.threads,
+        "rounds": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        extra: list[str] = []
+        for n in names:
+            bias = rng.uniform(-1, 1, size=(info.n_layer, info.n_head)).astype(np.float32)
+            extra += [
+                "--attn-ftb-profile",
+                f"{n}={gguf_meta.write_bias_gguf(tmp / f'{n}.gguf', bias, info.arch)}",
+            ]
+        server = bench_load.start_server(
+            model, "--no-warmup", *extra, threads=args.threads, slots=4, log_dir=tmp
+        )
+        try:
+            run(server, single[: args.concurrency * 2], args.n_predict, args.concurrency)  # warm-up
+            for r in range(args.rounds):
+                for label, jobs in (("single", single), ("mixed", mixed)):
+                    rps, errors = run(server, jobs, args.n_predict, args.concurrency)
+                    doc["rounds"].append(
+                        {"round": r, "mode": label, "req_per_s": round(rps, 3), "errors": errors}
+                    )
+                    print(f"round {r} {label}: {rps:.2f} req/s, {errors} errors", flush=True)
+        finally:
+            bench_load.stop_server(server)
+    med = {
+        m: statistics.median(x["req_per_s"] for x in doc["rounds"] if x["mode"] == m)
+        for m in ("single", "mixed")
+    }
+    doc["median_req_per_s"] = med
+    doc["ratio_mixed_over_single"] = round(med["mixed"] / med["single"], 3)
+    md = "\n".join(
+        [
+            "# Mixed bias profiles vs one profile in llama-server (-np 4)",
+            "",
+            f"`{doc['command']}` on {doc['machine']['cpu']} ({doc['machine']['cores']} cores),",
+            f"{doc['date']}.",
+            f"Model `{doc['model']}`, {args.requests} requests a run, {args.concurrency} connections, "
+            f"{args.n_predict} tokens each, {args.threads} threads; 4 profiles.",
+            "",
+            "| round | mode | req/s | errors |",
+            "|---|---|---|---|",
+            *[
+                f"| {x['round']} | {x['mode']} | {x['req_per_s']:.2f} | {x['errors']} |"
+                for x in doc["rounds"]
+            ],
+            "",
+            f"Median req/s: single {med['single']:.2f}, mixed {med['mixed']:.2f}; "
+            f"ratio mixed / single **{doc['ratio_mixed_over_single']:.3f}** (target >= 0.9).",
+            "",
+        ]
+    )
+    print(write_record(args.out, "profiles", doc, md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
