@@ -40,24 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_load  # noqa: E402
 from _common import machine, utc_now, write_record  # noqa: E402
+from zt_gguf.lmeval import task_yaml  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl"
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def env() -> dict[str, str]:
@@ -69,7 +54,7 @@ def write_task(folder: Path, name: str, src: Path, n: int) -> Path:
     data = folder / f"{name}.jsonl"
     data.write_text("\n".join(lines) + "\n")
     (folder / "tasks").mkdir(exist_ok=True)
-    (folder / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+    (folder / "tasks" / f"{name}.yaml").write_text(task_yaml(name, data))
     return data
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from zt_gguf.engine import Context, Model
+from zt_gguf.lmeval import task_yaml
 from zt_gguf.tasks import Item
 from zt_gguf.testing import TinyModel, make_tiny_gemma3, make_tiny_llama, write_tiny_task
 
@@ -316,23 +317,6 @@ def test_bad_requests_get_400_and_the_server_lives_on(
 
 # --- 2. lm-eval ------------------------------------------------------------------------------------------
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 
 def _lm_eval_env() -> dict[str, str]:
     # no hub: the task's data is a local file; lm-eval's datasets and hub clients must not try the network
@@ -367,7 +351,7 @@ def test_lm_eval_routes_equal_the_engine(
     data = write_tiny_task(tmp_path / "task.jsonl", 16, seed=4)
     name = "zt_tiny_" + bias
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+    (tmp_path / "tasks" / f"{name}.yaml").write_text(task_yaml(name, data))
     items = [json.loads(line) for line in open(data)]
     server = start_server(tm.path, *(["--no-attn-ftb"] if bias == "none" else []))
     common = ["--include_path", str(tmp_path / "tasks"), "--tasks", name, "--log_samples"]

@@ -34,6 +34,30 @@ CHUNK = 32  # items a call to the engine (lm-eval's requests are many; the engin
 log = logging.getLogger(__name__)
 
 
+# lm-eval's task YAML for one of our JSONL files ({"prompt", "choices", "answer"} lines), read without the hub
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def task_yaml(name: str, data: str | Path) -> str:
+    """lm-eval's multiple-choice task NAME over the JSONL file data (our item format)."""
+    return TASK_YAML.format(name=name, data=Path(data).resolve())
+
+
 class LMEvalError(RuntimeError):
     """lm-eval is missing, or the arguments for it are wrong (one line)."""
 
