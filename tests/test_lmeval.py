@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import pytest
 from zt_gguf.engine import Context, Model
 from zt_gguf.lmeval import task_yaml
 from zt_gguf.tasks import Item
-from zt_gguf.testing import TinyModel, make_tiny_gemma3, make_tiny_llama, write_tiny_task
+from zt_gguf.testing import TinyModel, log_softmax, make_tiny_gemma3, make_tiny_llama, write_tiny_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_load  # noqa: E402
@@ -47,12 +47,6 @@ PROMPTS = [
 ]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 class Ref:
     """The engine's log-softmax of token sequences (one sequence alone, no flash attention), with a bias."""
 
@@ -63,7 +57,7 @@ class Ref:
             self.ctx.set_bias(None)
 
     def rows(self, tokens: list[int]) -> np.ndarray:
-        return _log_softmax(self.ctx.logits(tokens))
+        return log_softmax(self.ctx.logits(tokens))
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +71,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
         out[arch] = make(folder / f"{arch}-tuned.gguf", seed=11, biases=bias)
         out[arch + "-plain"] = plain
     return out
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(model: Path, *extra: str) -> Server:
-        try:
-            server = bench_load.start_server(model, "--no-warmup", *extra, threads=1, log_dir=tmp_path)
-        except RuntimeError as e:
-            pytest.fail(str(e))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        bench_load.stop_server(server)
 
 
 def _post(server: Server, path: str, body: Any) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ import pytest
 from zt_gguf import gguf_meta, profiles
 from zt_gguf.engine import Context, Model
 from zt_gguf.tasks import Item
-from zt_gguf.testing import make_tiny_gemma3, make_tiny_llama, write_tiny_task
+from zt_gguf.testing import log_softmax, make_tiny_gemma3, make_tiny_llama, write_tiny_task
 
 PROV = {
     "task": "tiny.jsonl",
@@ -220,12 +220,6 @@ import bench_load  # noqa: E402
 ATOL = 2e-4  # server vs engine, no flash attention in either (tests/test_tools.py)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A tiny Gemma-3 model with a stored bias, and three profiles: a GGUF sidecar, a JSON list and object."""
@@ -295,7 +289,7 @@ def test_server_profiles_per_request_equal_single_profile_results(served: dict, 
             ctx.set_bias(bias)
             for p in prompts:
                 t = model.tokenize(p)
-                rows = _log_softmax(ctx.logits(t))
+                rows = log_softmax(ctx.logits(t))
                 ref[(name, p)] = np.array([rows[i - 1, t[i]] for i in range(1, len(t))])
         jobs = [
             (choices[int(rng.integers(len(choices)))], prompts[int(rng.integers(len(prompts)))])

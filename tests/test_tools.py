@@ -500,27 +500,6 @@ def test_attn_ftb_file_errors_stop_the_tool(llama: Tiny, tmp_path: Path, case: s
 # --- 2. llama-server --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start llama-server (benchmarks/bench_load.py's helper) on a free loopback port, 4 slots, healthy;
-    every server started is stopped at teardown."""
-    servers: list[Server] = []
-
-    def start(model: Path, *extra: str, timeout: float = 90.0) -> Server:
-        try:
-            server = bench_load.start_server(
-                model, "--no-warmup", *extra, threads=int(THREADS), log_dir=tmp_path, startup_timeout=timeout
-            )
-        except RuntimeError as e:
-            pytest.fail(str(e))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        bench_load.stop_server(server)
-
-
 N_TOP = 5  # top log-probabilities requested
 N_REQUESTS = 20  # concurrent requests, > 4 slots: queued and batched together
 

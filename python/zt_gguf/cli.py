@@ -373,15 +373,11 @@ def calibrate_cmd(
         )
         rep = _report(model, task, opts, outcome, time.monotonic() - t0)
         paths = report.write_report(rdir, rep, outcome.result.bias, title=f"{model.name}: gamma")
-        profile_msg = None
-        if profile_out is not None:
+        profile_written = None
+        if profile_out is not None and outcome.written is not None:
             from . import profiles
 
-            if outcome.written is not None:
-                profiles.export_profile(outcome.written, profile_out)
-                profile_msg = f"profile: {profile_out}"
-            else:
-                profile_msg = f"no profile written to {profile_out}: no tuned file was written"
+            profile_written = profiles.export_profile(outcome.written, profile_out)
     except (
         tasks.TaskError,
         gguf_meta.GGUFMetaError,
@@ -393,13 +389,18 @@ def calibrate_cmd(
     ) as e:
         raise _fail(e) from None
     if as_json:
-        extra = {"profile": str(profile_out) if profile_msg and profile_msg.startswith("profile:") else None}
+        extra = {"profile": None if profile_written is None else str(profile_written)}
         _emit_json({**rep.to_dict(), "report_files": {k: str(v) for k, v in paths.items()}, **extra})
     else:
         click.echo(report.format_summary(rep))
         click.echo(f"report: {paths['report']}")
-    if profile_msg:
-        click.echo(f"zt-gguf: {profile_msg}", err=True)
+    if profile_out is not None:
+        click.echo(
+            f"zt-gguf: profile: {profile_written}"
+            if profile_written is not None
+            else f"zt-gguf: no profile written to {profile_out}: no tuned file was written",
+            err=True,
+        )
     for w in outcome.warnings:
         if quiet or w not in logged_early:
             click.echo(f"zt-gguf: warning: {w}", err=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import gguf_meta
+from . import fsutil, gguf_meta
 from .gguf_meta import GGUFMetaError, ModelInfo
 
 NONE = "none"  # the bias off
@@ -129,14 +129,10 @@ def write_profile(
     if out.suffix == ".json":
         values = np.asarray(biases, dtype=np.float32).tolist()
         doc = {"first_token_bias": values, "zerotuning": dict(provenance or {})}
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(doc) + "\n")
-            os.replace(tmp, out)
+            return fsutil.atomic_write_bytes(out, (json.dumps(doc) + "\n").encode())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise ProfileError(f"{out}: cannot write: {e.strerror or e}") from None
-        return out
     scalars = {k: v for k, v in (provenance or {}).items() if isinstance(v, (str, int, float, bool))}
     return gguf_meta.write_bias_gguf(out, biases, arch, scalars)
 

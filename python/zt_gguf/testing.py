@@ -474,6 +474,13 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis, in float64 (the reference the tests compare log-probabilities with)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def reference_logits(
     model: TinyModel,
     tokens: Sequence[int],
