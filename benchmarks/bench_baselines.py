@@ -3,6 +3,7 @@
 
     python benchmarks/bench_baselines.py [--models gemma-3-270m,smollm2-135m] [--tasks sst2,agnews,trec]
                                          [--seeds 1,2] [--n-cal 100] [--n-held 200] [--threads 2]
+                                         [--objectives logprob,bc-logprob,...]
     python benchmarks/bench_baselines.py --table-only
 
 For each model, task and seed: a seeded sample of n_cal + n_held items of ../shared/data/jsonl/<task>.jsonl,
@@ -82,6 +83,8 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
     memo = MemoScorer(ctx, n_gen, stops)
     cf = content_free_items(loaded, items)
     runs = [("supervised", "accuracy-generate")] if args.generate else OBJECTIVES
+    if args.objectives:
+        runs = tuple(r for r in runs if r[1] in args.objectives.split(","))
     for mode, objective in runs:
         t0 = time.monotonic()
         res = search(lambda b, c: memo(b, c), calib, model.bias_shape, SearchConfig(objective=objective))
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-held", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "baselines.jsonl")
+    ap.add_argument("--objectives", help="only these of the objectives, e.g. bc-logprob,mutual-information")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--generate", action="store_true", help="generate scoring and the logit bias")
     args = ap.parse_args(argv)

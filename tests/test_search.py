@@ -556,3 +556,92 @@ def test_bc_objectives_search_without_racing(objective: str) -> None:
     want = get_objective(objective).fn(item_results(model(r.bias, items), items), items)
     assert r.best_objective == pytest.approx(want)
     assert r.best_objective >= r.baseline_objective
+
+
+# --- pools: several workers give the sequential answers -----------------------------------------------------
+
+
+class ShuffledPool:
+    """n_workers simulated workers over a FakeModel: jobs complete in a seeded random order, each scored by
+    the model only when it completes (so a job scored ahead is real work in the model's counters)."""
+
+    def __init__(self, model: FakeModel, n_workers: int, seed: int = 0) -> None:
+        self.model, self.n_workers = model, n_workers
+        self.rng = np.random.default_rng(seed)
+        self.items: list[Item] = []
+        self.pending: list[tuple[int, np.ndarray, int, int]] = []
+        self.max_in_flight = 0
+
+    def start(self, items: Sequence[Item]) -> None:
+        self.items = list(items)
+
+    def submit(self, job: int, bias: np.ndarray, start: int, stop: int) -> None:
+        self.pending.append((job, bias, start, stop))
+        assert len(self.pending) <= self.n_workers
+        self.max_in_flight = max(self.max_in_flight, len(self.pending))
+
+    def wait(self) -> tuple[int, list[FakeScores], float]:
+        job, bias, start, stop = self.pending.pop(int(self.rng.integers(len(self.pending))))
+        return job, self.model(bias, self.items[start:stop]), 0.01
+
+
+@pytest.mark.parametrize("method", ["paper", "bands", "heads"])
+@pytest.mark.parametrize("objective", ["accuracy-choice", "logprob", "bc-logprob", "mutual-information"])
+@pytest.mark.parametrize("n_workers", [2, 5])
+def test_pool_of_workers_makes_the_sequential_picks(method: str, objective: str, n_workers: int) -> None:
+    config = SearchConfig(method=method, objective=objective, chunk_size=16, budget=10)
+    seq_model = FakeModel()
+    sequential = search(seq_model, seq_model.items, seq_model.shape, config)
+    par_model = FakeModel()
+    pool = ShuffledPool(par_model, n_workers, seed=n_workers)
+    events: list[str] = []
+    parallel = search(
+        None, par_model.items, par_model.shape, config, pool=pool, events=lambda n, d: events.append(n)
+    )
+    assert _same(parallel, sequential)  # every candidate: objective, items evaluated, stop, summary; the pick
+    assert pool.max_in_flight == n_workers
+    # scored ahead: at least the work of the sequential search, which the search reports as its cost
+    assert par_model.items_scored >= seq_model.items_scored == sequential.run.items_scored
+    assert parallel.run.items_scored == par_model.items_scored
+    assert events.count("done") == parallel.n_evaluations
+    if objective in ("accuracy-choice", "logprob"):
+        assert any(c.stopped_early for c in parallel.candidates)  # racing applies with several workers too
+
+
+def test_pool_checkpoint_resumes_in_either_mode(tmp_path: Path) -> None:
+    config = SearchConfig(method="bands", objective="logprob", chunk_size=16, budget=10)
+    straight_model = FakeModel()
+    straight = search(straight_model, straight_model.items, straight_model.shape, config)
+
+    # interrupted with 3 workers, resumed in one process
+    ckpt = tmp_path / "a.json"
+    model = FakeModel()
+    model.fail_after = straight_model.calls // 2
+    with pytest.raises(Interrupted):
+        search(
+            None,
+            model.items,
+            model.shape,
+            config,
+            checkpoint=ckpt,
+            scorer_id="f",
+            pool=ShuffledPool(model, 3),
+        )
+    n_saved = len(SearchState.load(ckpt, "f").evaluations)
+    assert n_saved > 0
+    model.fail_after = None
+    resumed = search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="f")
+    assert _same(resumed, straight) and resumed.run.evaluations_from_checkpoint == n_saved
+
+    # interrupted in one process, resumed with 4 workers
+    ckpt = tmp_path / "b.json"
+    model = FakeModel()
+    model.fail_after = straight_model.calls // 3
+    with pytest.raises(Interrupted):
+        search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="f")
+    n_saved = len(SearchState.load(ckpt, "f").evaluations)
+    model.fail_after = None
+    resumed = search(
+        None, model.items, model.shape, config, checkpoint=ckpt, scorer_id="f", pool=ShuffledPool(model, 4)
+    )
+    assert _same(resumed, straight) and resumed.run.evaluations_from_checkpoint == n_saved

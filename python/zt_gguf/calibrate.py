@@ -8,6 +8,7 @@ A gain is never reported on the items used to choose: the held-out part is score
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -70,6 +71,14 @@ class CalibrateOptions:
     flash_attn: bool | None = None
     force: bool = False
     check_items: Sequence[Item] | None = None  # labelled items to check an unsupervised pick
+    # the search over Ray workers (zt_gguf.distributed): workers on this machine, or a cluster's address
+    workers: int | None = None
+    ray_address: str | None = None
+    worker_model: Path | None = None  # the model's path on the workers (None: model_path)
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers is not None or self.ray_address is not None
 
 
 @dataclass
@@ -156,6 +165,12 @@ class MemoScorer:
             for it, sc in zip(missing, out):
                 self.cache[(bkey, lb, it.id, it.prompt)] = sc
         return [self.cache[k] for k in keys]
+
+    def store(self, bias: np.ndarray | None, items: Sequence[Item], scores: Sequence[Any]) -> None:
+        """Scores computed elsewhere (a worker) under bias, with no logit bias."""
+        bkey = "off" if bias is None or not np.any(bias) else bias_hash(bias)
+        for it, sc in zip(items, scores):
+            self.cache[(bkey, (), it.id, it.prompt)] = sc
 
 
 def content_free_items(task: Task, items: Sequence[Item]) -> list[Item]:
@@ -268,17 +283,20 @@ def calibrate(
     def scorer(bias: np.ndarray, chunk: Sequence[Item]) -> list[Any]:
         return memo(bias, chunk)
 
-    current: list[Any] = [None, None, None]  # stage, update, current candidate
+    current: list[Any] = [None, None, None, 0]  # stage, update, current candidate, candidates done
 
     def search_progress(stage: str, done: int, total: int) -> None:
         if progress is not None:
             if current[0] != stage:
                 current[0], current[1] = stage, progress(stage, total)
-            current[1](done, current[2])
+            note = current[2] if not options.distributed else f"{current[3]} candidates done; {current[2]}"
+            current[1](done, note)
 
     def on_event(name: str, data: dict[str, Any]) -> None:
         if name == "candidate":
             current[2] = data["description"]
+        elif name == "done":
+            current[3] = data["n_done"]
         elif name == "plan":
             say(
                 f"search {options.search.method}: up to {data['n_candidates']} candidates on "
@@ -288,7 +306,9 @@ def calibrate(
         elif name == "estimate":
             say(
                 f"first chunk scored in {data['chunk_s']:.1f} s: the search takes up to "
-                f"{_duration(data['estimate_s'])} (less when early stopping drops candidates)"
+                f"{_duration(data['estimate_s'])}"
+                + (f" on {data['n_workers']} workers" if data.get("n_workers", 1) > 1 else "")
+                + " (less when early stopping drops candidates)"
             )
         elif name == "no_discrimination":
             warn(
@@ -299,16 +319,40 @@ def calibrate(
 
     config = SearchConfig(**{**options.search.__dict__, "objective": objective})
     t1 = time.monotonic()
-    result = search(
-        scorer,
-        calib,
-        model.bias_shape,
-        config,
-        checkpoint=checkpoint,
-        progress=search_progress,
-        scorer_id=scorer_id(model_path, scoring, n_gen),
-        events=on_event,
-    )
+    pools: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
+    if options.distributed:
+        from . import distributed
+
+        spec = distributed.WorkerSpec(
+            model_path=str(options.worker_model or model_path.resolve()),
+            model_size=model_path.stat().st_size,
+            n_threads=options.n_threads,
+            n_ctx=n_ctx,
+            n_gen=n_gen,
+            gen_stop=tuple(stops),
+            gpu_layers=options.gpu_layers,
+            flash_attn=options.flash_attn,
+        )
+        where = f"on the Ray cluster at {options.ray_address}" if options.ray_address else "on this machine"
+        count = options.workers or "as many Ray workers as the cluster holds,"
+        say(f"starting {count} Ray worker(s) {where}, {options.n_threads} thread(s) each")
+        pools = distributed.open_pool(
+            spec, options.workers, address=options.ray_address, on_scores=memo.store, log=say
+        )
+    with pools as pool:
+        if pool is not None:
+            say(f"{pool.n_workers} worker(s) ready on {', '.join(sorted(set(pool.nodes)))}")
+        result = search(
+            scorer,
+            calib,
+            model.bias_shape,
+            config,
+            checkpoint=checkpoint,
+            progress=search_progress,
+            scorer_id=scorer_id(model_path, scoring, n_gen),
+            events=on_event,
+            pool=pool,
+        )
     t_search = time.monotonic() - t1
 
     heldout: HeldOut | None = None

@@ -265,6 +265,22 @@ def _layers(value: str | None) -> tuple[int, int | None]:
     help="Also write the tuned biases as a profile (a small GGUF, or JSON for a .json name) for serving "
     "several tunings of one model (zt_gguf.profiles).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Score the search's candidates on N Ray workers on this machine (--threads each; with "
+    "--ray-address: N workers on that cluster). Needs pip install 'zt-gguf[ray]'.",
+)
+@click.option(
+    "--ray-address",
+    help="Join this Ray cluster (e.g. 10.0.0.5:6379, or auto) and score the candidates on its nodes; the "
+    "model must be readable there at the same path, or at --worker-model.",
+)
+@click.option(
+    "--worker-model",
+    help="The model's path on the Ray workers, when it differs from MODEL's (a shared file system mounted "
+    "elsewhere); checked by size.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def calibrate_cmd(
     model: Path,
@@ -296,6 +312,9 @@ def calibrate_cmd(
     force: bool,
     no_resume: bool,
     profile_out: Path | None,
+    workers: int | None,
+    ray_address: str | None,
+    worker_model: str | None,
     quiet: bool,
 ) -> None:
     """Find first-token biases for a task and write a tuned GGUF plus a report.
@@ -305,6 +324,7 @@ def calibrate_cmd(
       zt-gguf calibrate model.Q4_K_M.gguf --task data.jsonl
       zt-gguf calibrate model.gguf --task sst2.jsonl --scoring choice --search bands -o tuned.gguf
       zt-gguf calibrate model.gguf --task sst2.jsonl --profile-out sst2.profile.gguf
+      zt-gguf calibrate model.gguf --task sst2.jsonl --workers 4 --threads 2
     """
     try:
         _check_model(model)
@@ -350,7 +370,16 @@ def calibrate_cmd(
             n_ctx=n_ctx,
             force=force,
             check_items=check_items,
+            workers=workers,
+            ray_address=ray_address,
+            worker_model=Path(worker_model) if worker_model else None,
         )
+        if worker_model and not (workers or ray_address):
+            raise UserError("--worker-model needs --workers or --ray-address")
+        if opts.distributed:
+            from .distributed import require_ray
+
+            require_ray(ray_address)
         rdir.mkdir(parents=True, exist_ok=True)
         checkpoint = rdir / "checkpoint.json"
         if no_resume:

@@ -49,11 +49,23 @@ Events
 ``events(name, data)``, when given, tells what the search is about to do and what it found early:
 ``"plan"`` before the first candidate (``n_candidates``: the most the method will score, ``n_items``,
 ``chunk_size``, ``n_chunks``); ``"estimate"`` once the first chunk of items has been scored by the scorer
-(``chunk_s``: its wall time, ``estimate_s``: chunk_s x chunks x candidates, the time without early
-stopping or the checkpoint); ``"candidate"`` before each candidate (``description``, ``index``);
-``"no_discrimination"`` once, when the baseline and the first EQUAL_PROBE_CHECK probes give exactly the same
-per-item values on the first chunk (the scoring cannot tell those candidates apart: an accuracy of a
-generation that never names a label, for instance).
+(``chunk_s``: its wall time, ``estimate_s``: chunk_s x chunks x candidates / workers, the time without
+early stopping or the checkpoint, ``n_workers``); ``"candidate"`` before each candidate (``description``,
+``index``); ``"done"`` after each candidate this run scores (``description``, ``n_done``: the count so far;
+with several workers candidates finish out of order); ``"no_discrimination"`` once, when the baseline and
+the first EQUAL_PROBE_CHECK probes give exactly the same per-item values on the first chunk (the scoring
+cannot tell those candidates apart: an accuracy of a generation that never names a label, for instance).
+
+Pools
+-----
+Candidates that do not depend on each other (the probes; the grid; the moves of one band or entry) are
+scored as one batch over a :class:`ChunkPool`: the :class:`LocalPool` (this process, one chunk at a time)
+or several workers (zt_gguf.distributed). Each job is one chunk of one candidate, always the same items
+(chunk k is items[k*chunk_size:(k+1)*chunk_size] of the fixed order), so a worker scores exactly what a
+sequential run scores. Where a candidate's racing reference is the best so far (the grid, the moves), the
+candidates after an unfinished one are scored ahead, and the race is replayed chunk by chunk in order once
+the reference is known: every candidate stops where the sequential search stops it, and the search makes the
+same picks with any number of workers; only the chunks scored ahead beyond a stop are extra work.
 
 Checkpoint and resume
 ---------------------
@@ -72,10 +84,11 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -91,8 +104,10 @@ __all__ = [
     "RACE_MIN_CHUNKS",
     "RACE_Z",
     "Candidate",
+    "ChunkPool",
     "Evaluation",
     "Events",
+    "LocalPool",
     "Progress",
     "RunStats",
     "Scorer",
@@ -321,6 +336,67 @@ def context_scorer(ctx: Any, *, n_gen: int = 1, gen_stop: Sequence[str] = ()) ->
     return score
 
 
+# --- where chunks are scored -------------------------------------------------------------------------------
+
+
+class ChunkPool(Protocol):
+    """Scores chunks of the calibration items for the search: at most n_workers jobs at once.
+
+    start(items) gives the items once, in evaluation order; submit(job, bias, start, stop) asks for the
+    Scores of items[start:stop] under bias; wait() blocks until one submitted job is done and returns
+    (job, scores, seconds). A pool that loses a worker rescores its job elsewhere: wait() returns only
+    results, or raises."""
+
+    n_workers: int
+
+    def start(self, items: Sequence[Item]) -> None: ...
+
+    def submit(self, job: int, bias: np.ndarray, start: int, stop: int) -> None: ...
+
+    def wait(self) -> tuple[int, list[Scores], float]: ...
+
+
+class LocalPool:
+    """The pool of one: jobs scored in this process, in the order submitted, by a Scorer."""
+
+    n_workers = 1
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.items: list[Item] = []
+        self.queue: deque[tuple[int, np.ndarray, int, int]] = deque()
+
+    def start(self, items: Sequence[Item]) -> None:
+        self.items = list(items)
+
+    def submit(self, job: int, bias: np.ndarray, start: int, stop: int) -> None:
+        self.queue.append((job, bias, start, stop))
+
+    def wait(self) -> tuple[int, list[Scores], float]:
+        job, bias, start, stop = self.queue.popleft()
+        t0 = time.monotonic()
+        scores = self.scorer(bias, self.items[start:stop])
+        return job, scores, time.monotonic() - t0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One candidate of evaluate_batch while it is being scored."""
+
+    key: str
+    bias: np.ndarray
+    description: str
+    started: bool = False
+    alias: int | None = None  # the earlier slot of this batch with the same bias
+    chunks: dict[int, list[Any]] = field(default_factory=dict)  # chunk index -> ItemResults
+    in_flight: set[int] = field(default_factory=set)
+    next_chunk: int = 0  # the next chunk to submit
+    prefix: int = 0  # chunks 0..prefix-1 are scored
+    checked: int = 0  # chunks the race has looked at
+    ticked: int = 0  # items reported to progress
+    ref_values: np.ndarray | None = None
+
+
 # --- the search ---------------------------------------------------------------------------------------------
 
 
@@ -363,10 +439,16 @@ class _Search:
         progress: Progress | None,
         scorer_id: str,
         events: Events | None = None,
+        pool: ChunkPool | None = None,
     ) -> None:
-        self.scorer = scorer
+        self.pool: ChunkPool = pool if pool is not None else LocalPool(scorer)
+        self.job_id = 0
+        # jobs in the pool: id -> (the batch's slots, slot, chunk); a job of an earlier batch can still be
+        # out (scored ahead for a candidate that the race stopped): its result is dropped when it comes
+        self.jobs: dict[int, tuple[list[_Slot], int, int]] = {}
         self.events = events
         self.n_started = 0  # candidates announced by the "candidate" event
+        self.n_done = 0  # candidates scored by this run ("done" event)
         self.first_chunks: list[tuple[float, ...]] = []  # per-item values of the first chunk, per candidate
         self.estimated = False
         self.warned_equal = False
@@ -377,6 +459,7 @@ class _Search:
         self.items: list[Item] = [items[i] for i in order]
         self.n = len(self.items)
         self.items_hash = items_hash(self.items)
+        self.pool.start(self.items)
         self.racing = config.early_stop and self.objective.per_item is not None
         self.race_tag = f"z={RACE_Z},min_chunks={RACE_MIN_CHUNKS},chunk={config.chunk_size}"
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -463,8 +546,13 @@ class _Search:
         if not self.estimated:
             self.estimated = True
             total = self.plan()
+            workers = self.pool.n_workers
             self._event(
-                "estimate", chunk_s=seconds, estimate_s=seconds * self.n_chunks() * total, n_candidates=total
+                "estimate",
+                chunk_s=seconds,
+                estimate_s=seconds * self.n_chunks() * total / workers,
+                n_candidates=total,
+                n_workers=workers,
             )
         if values is None or self.warned_equal:
             return
@@ -489,59 +577,188 @@ class _Search:
         return self._key(bias) in self.log
 
     def evaluate(self, bias: np.ndarray, description: str, reference: Evaluation | None) -> Evaluation:
-        key = self._key(bias)
-        if key in self.log:
-            self._tick(self.n)
-            return self.log[key]
-        self.n_started += 1
-        self._event("candidate", description=description, index=self.n_started)
-        rec = self.state.evaluations.get(key)
-        if rec is not None and (not rec.stopped_early or (self.racing and rec.race == self.race_tag)):
-            self.run.evaluations_from_checkpoint += 1
-            self._tick(self.n)
-        else:
-            rec = self._score(key, bias, description, reference)
-            self.state.evaluations[key] = rec
+        """One candidate, raced against reference (None: not raced)."""
+        return self.evaluate_batch([(bias, description)], reference, chain=False)[0]
+
+    def evaluate_batch(
+        self, cands: Sequence[tuple[np.ndarray, str]], start: Evaluation | None, *, chain: bool
+    ) -> list[Evaluation]:
+        """Candidates that do not depend on each other, scored over the pool; the same Evaluations as scoring
+        them one after the other.
+
+        Candidate i is raced against start (chain=False), or against the best of start and candidates 0..i-1
+        (chain=True: the best-so-far rule of the grid and the ascent). A candidate whose reference is not
+        known yet (an earlier one is still being scored) is scored ahead; once its reference is known, the
+        race is replayed over the chunks it has, chunk by chunk in order, so it stops where a sequential run
+        would have stopped, and the chunks scored beyond that point are dropped (they count in RunStats only).
+        With one worker, candidates and chunks are scored in exactly the sequential order."""
+        slots = [_Slot(self._key(b), b.copy(), d) for b, d in cands]
+        out: list[Evaluation | None] = [None] * len(slots)
+        cs, n_chunks = self.config.chunk_size, self.n_chunks()
+        first_of_key: dict[str, int] = {}
+
+        def stop_of(c: int) -> int:
+            return min((c + 1) * cs, self.n)
+
+        per_item = self.objective.per_item
+
+        def reference(i: int) -> tuple[bool, Evaluation | None]:
+            if not chain:
+                return True, start
+            best = start
+            for j in range(i):
+                rec = out[j]
+                if rec is None:
+                    return False, None
+                if best is None or _better(rec, best):
+                    best = rec
+            return True, best
+
+        def begin(i: int) -> None:
+            """What evaluate() did before scoring: the log, the event, the checkpoint."""
+            s = slots[i]
+            s.started = True
+            if s.key in self.log:
+                out[i] = self.log[s.key]
+                self._tick(self.n)
+                return
+            if s.key in first_of_key:  # the same bias earlier in this batch
+                s.alias = first_of_key[s.key]
+                return
+            first_of_key[s.key] = i
+            self.n_started += 1
+            self._event("candidate", description=s.description, index=self.n_started)
+            rec = self.state.evaluations.get(s.key)
+            if rec is not None and (not rec.stopped_early or (self.racing and rec.race == self.race_tag)):
+                self.run.evaluations_from_checkpoint += 1
+                self._tick(self.n)
+                out[i] = rec
+
+        def next_job() -> tuple[int, int] | None:
+            # first the lowest candidate with nothing in flight, then more chunks of one that has
+            for busy_ok in (False, True):
+                for i, s in enumerate(slots):
+                    if out[i] is not None or s.alias is not None:
+                        continue
+                    if not s.started:
+                        if busy_ok:
+                            break
+                        begin(i)
+                        if out[i] is not None or s.alias is not None:
+                            continue
+                    if s.next_chunk < n_chunks and (busy_ok or not s.in_flight):
+                        return i, s.next_chunk
+            return None
+
+        def finish(i: int, m: int, stopped: bool) -> None:
+            s = slots[i]
+            results = [r for c in range(math.ceil(m / cs)) for r in s.chunks[c]]
+            rec = self._evaluation(s.key, s.bias, s.description, results, m, stopped)
+            out[i] = rec
+            self.state.evaluations[s.key] = rec
             if self.checkpoint is not None:
                 self.state.save(self.checkpoint)
-        self.log[key] = rec
-        self.biases[key] = bias.copy()
-        return rec
+            self.n_done += 1
+            self._event("done", description=s.description, n_done=self.n_done)
+            self._tick(self.n - s.ticked)
+            s.ticked = self.n
 
-    def _score(
-        self, key: str, bias: np.ndarray, description: str, reference: Evaluation | None
-    ) -> Evaluation:
-        per_item = self.objective.per_item
-        ref_values = None
-        if self.racing and reference is not None and reference.values is not None:
-            if reference.stopped_early or len(reference.values) != self.n:
-                raise AssertionError("the racing reference must be scored on every item")
-            ref_values = np.asarray(reference.values, dtype=np.float64)
-        results = []
-        m, n_chunks, stopped = 0, 0, False
-        while m < self.n:
-            chunk = self.items[m : m + self.config.chunk_size]
-            t0 = time.monotonic()
-            scores = self.scorer(bias.copy(), chunk)
+        def advance(i: int) -> None:
+            """Race checks over the chunks scored in order, once the reference is known."""
+            s = slots[i]
+            known, ref = reference(i)
+            if not known:
+                return
+            if s.ref_values is None and self.racing and ref is not None and ref.values is not None:
+                if ref.stopped_early or len(ref.values) != self.n:
+                    raise AssertionError("the racing reference must be scored on every item")
+                s.ref_values = np.asarray(ref.values, dtype=np.float64)
+            while s.checked < s.prefix:
+                s.checked += 1
+                m = min(s.checked * cs, self.n)
+                if (
+                    s.ref_values is not None
+                    and per_item is not None
+                    and s.checked >= RACE_MIN_CHUNKS
+                    and m < self.n
+                ):
+                    results = [r for c in range(s.checked) for r in s.chunks[c]]
+                    d = per_item(results, self.items[:m]) - s.ref_values[:m]
+                    upper = float(np.mean(d)) + RACE_Z * float(np.std(d, ddof=1)) / math.sqrt(m)
+                    if upper < 0:
+                        finish(i, m, True)
+                        return
+            if s.prefix == n_chunks:
+                finish(i, self.n, False)
+
+        def resolve() -> None:
+            for i, s in enumerate(slots):
+                if out[i] is not None or not s.started:
+                    continue
+                if s.alias is not None:
+                    if out[s.alias] is not None:
+                        out[i] = out[s.alias]
+                        self._tick(self.n)
+                    continue
+                advance(i)
+
+        while True:
+            resolve()
+            left = sum(o is None for o in out)
+            if not left:
+                break
+            while len(self.jobs) < self.pool.n_workers:
+                job = next_job()
+                if job is None:
+                    break
+                i, c = job
+                s = slots[i]
+                s.next_chunk += 1
+                s.in_flight.add(c)
+                self.job_id += 1
+                self.jobs[self.job_id] = (slots, i, c)
+                self.pool.submit(self.job_id, s.bias.copy(), c * cs, stop_of(c))
+            if not self.jobs:
+                resolve()  # next_job resolved some (log, checkpoint, an alias) without scoring
+                if sum(o is None for o in out) == left:
+                    raise AssertionError("candidates left that can neither be scored nor resolved")
+                continue
+            job_id, scores, seconds = self.pool.wait()
+            batch, i, c = self.jobs.pop(job_id)
+            self.run.scorer_calls += 1
+            self.run.items_scored += stop_of(c) - c * cs
+            if batch is not slots:
+                continue  # scored ahead for a candidate of an earlier batch that the race had stopped
+            s = slots[i]
+            s.in_flight.discard(c)
+            chunk = self.items[c * cs : (c + 1) * cs]
             if len(scores) != len(chunk):
                 raise SearchError(f"the scorer returned {len(scores)} scores for {len(chunk)} items")
-            results.extend(item_results(scores, chunk))
-            if m == 0:
-                first = per_item(results, chunk) if per_item is not None else None
-                self._first_chunk(first, time.monotonic() - t0)
-            m += len(chunk)
-            n_chunks += 1
-            self.run.scorer_calls += 1
-            self.run.items_scored += len(chunk)
+            if out[i] is not None:
+                continue  # scored ahead beyond where the race stopped it
+            s.chunks[c] = item_results(scores, chunk)
+            if c == 0:
+                first = per_item(s.chunks[0], chunk) if per_item is not None else None
+                self._first_chunk(first, seconds)
+            while s.prefix in s.chunks:
+                s.prefix += 1
+            s.ticked += len(chunk)
             self._tick(len(chunk))
-            if ref_values is not None and per_item is not None and n_chunks >= RACE_MIN_CHUNKS and m < self.n:
-                d = per_item(results, self.items[:m]) - ref_values[:m]
-                upper = float(np.mean(d)) + RACE_Z * float(np.std(d, ddof=1)) / math.sqrt(m)
-                if upper < 0:
-                    stopped = True
-                    self._tick(self.n - m)
-                    break
+
+        recs: list[Evaluation] = []
+        for s, rec in zip(slots, out):
+            assert rec is not None
+            if s.key not in self.log:
+                self.log[s.key] = rec
+                self.biases[s.key] = s.bias.copy()
+            recs.append(rec)
+        return recs
+
+    def _evaluation(
+        self, key: str, bias: np.ndarray, description: str, results: list[Any], m: int, stopped: bool
+    ) -> Evaluation:
         evaluated = self.items[:m]
+        per_item = self.objective.per_item
         values = per_item(results, evaluated).tolist() if per_item is not None else None
         return Evaluation(
             key=key,
@@ -573,14 +790,13 @@ class _Search:
         self._end()
 
         self._begin("probe", 2 * n_head)
-        gains_up, gains_down = [], []
+        probes = []
         for h in range(n_head):
-            up = self.evaluate(self._bias([h], c.probe_up), f"probe head {h} gamma={c.probe_up:g}", base)
-            down = self.evaluate(
-                self._bias([h], c.probe_down), f"probe head {h} gamma={c.probe_down:g}", base
-            )
-            gains_up.append(self.gain(up, base))
-            gains_down.append(self.gain(down, base))
+            probes.append((self._bias([h], c.probe_up), f"probe head {h} gamma={c.probe_up:g}"))
+            probes.append((self._bias([h], c.probe_down), f"probe head {h} gamma={c.probe_down:g}"))
+        recs = self.evaluate_batch(probes, base, chain=False)
+        gains_up = [self.gain(rec, base) for rec in recs[0::2]]
+        gains_down = [self.gain(rec, base) for rec in recs[1::2]]
         self._end()
 
         positive_up = sum(max(g, 0.0) for g in gains_up)
@@ -595,8 +811,10 @@ class _Search:
         grid = c.grid_up if head_type == "up" else c.grid_down
         self._begin("grid", len(grid))
         best, best_gamma = base, 1.0
-        for g in grid:
-            rec = self.evaluate(self._bias(heads, g), f"heads {heads} gamma={g:g}", best)
+        recs = self.evaluate_batch(
+            [(self._bias(heads, g), f"heads {heads} gamma={g:g}") for g in grid], base, chain=True
+        )
+        for g, rec in zip(grid, recs):
             if _better(rec, best):
                 best, best_gamma = rec, g
         self._end()
@@ -625,7 +843,7 @@ class _Search:
             moved = False
             for layers, heads, label in coordinates:
                 inc_bias = self.biases[incumbent.key]
-                line_best = incumbent
+                line: list[tuple[np.ndarray, str]] = []
                 for g in gammas:
                     cand = inc_bias.copy()
                     cand[np.ix_(layers, heads)] = np.float32(math.log(g))
@@ -635,7 +853,9 @@ class _Search:
                         if used >= budget:
                             break
                         used += 1
-                    rec = self.evaluate(cand, f"{stage} move {n_moves + 1}: {label} gamma={g:g}", line_best)
+                    line.append((cand, f"{stage} move {n_moves + 1}: {label} gamma={g:g}"))
+                line_best = incumbent
+                for rec in self.evaluate_batch(line, incumbent, chain=True):
                     if _better(rec, line_best):
                         line_best = rec
                 if line_best is not incumbent:
@@ -699,7 +919,7 @@ class _Search:
 
 
 def search(
-    scorer: Scorer,
+    scorer: Scorer | None,
     items: Sequence[Item],
     shape: tuple[int, int],
     config: SearchConfig | None = None,
@@ -708,16 +928,20 @@ def search(
     progress: Progress | None = None,
     scorer_id: str = "",
     events: Events | None = None,
+    pool: ChunkPool | None = None,
 ) -> SearchResult:
     """Run the calibration search (see the module docstring) and return the best candidate.
 
     shape is (n_layer, n_head) of the bias matrix. checkpoint: a JSON file to resume from and save to after
     every completed candidate (None: no checkpoint). scorer_id names what the scorer computes (model file,
     scoring settings) and must match the checkpoint's. Exceptions of the scorer propagate; the completed
-    candidates are in the checkpoint. events(name, data): see "Events" in the module docstring.
+    candidates are in the checkpoint. events(name, data): see "Events" in the module docstring. pool: where
+    the chunks are scored (see "Pools"); None: by scorer, in this process.
     """
+    if pool is None and scorer is None:
+        raise SearchError("search needs a scorer or a pool")
     config = SearchConfig(**asdict(config)) if config is not None else SearchConfig()
-    s = _Search(scorer, items, shape, config, checkpoint, progress, scorer_id, events)
+    s = _Search(scorer, items, shape, config, checkpoint, progress, scorer_id, events, pool)  # type: ignore[arg-type]
     s._event("plan", n_candidates=s.plan(), n_items=s.n, chunk_size=config.chunk_size, n_chunks=s.n_chunks())
     base, best, info = s.paper()
     if config.method == "bands":
