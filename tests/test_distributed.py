@@ -221,3 +221,17 @@ def test_calibrate_joins_a_running_cluster(setup: dict[str, Any], tmp_path: Path
     finally:
         head.terminate()
         head.wait(timeout=60)
+
+
+def test_calibrate_stops_with_one_line_when_a_worker_cannot_load(
+    setup: dict[str, Any], tmp_path: Path
+) -> None:
+    task = write_tiny_task(tmp_path / "task.jsonl", 30)
+    missing = tmp_path / "elsewhere" / "model.gguf"
+    p = _cli("calibrate", str(setup["model"]), "--task", str(task), "--workers", "1", "--threads", "1",
+             "--worker-model", str(missing), "-o", str(tmp_path / "out.gguf"), "--quiet")  # fmt: skip
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert errors[0].startswith("zt-gguf: error: worker 0 on node ") and str(missing) in errors[0]
+    assert not (tmp_path / "out.gguf").exists()
