@@ -8,14 +8,18 @@ The model (default: SmolLM2-135M-Instruct Q4_1 from zt_gguf.models) is served by
 profiles (--attn-ftb-profile p1..p4: random biases, uniform in [-1, 1], on every head). Each round sends
 --requests greedy completions of --n-predict tokens (the prompts of bench_load.py, round-robin) through a
 client of --concurrency connections, twice: every request with "attn_ftb": "p1" (single), and each with one
-of p1..p4 at random (mixed). Requests of different profiles are never batched together (patch 0010), so a mix
-decodes in more, smaller batches. Single and mixed alternate --rounds times; the figure is
-median(requests/s mixed) / median(requests/s single) (target >= 0.9). Results: OUT/profiles.json and .md.
+of p1..p4 at random (mixed). Two servers run side by side: per-sequence biases (patch 0010's default: slots
+of different profiles share a batch, the bias is a kernel input per row) and per-batch
+(LLAMA_ATTN_FTB_PER_SEQ=0: requests of different profiles never batched together, so a mix decodes in more,
+smaller batches). Rounds interleave the servers and modes --rounds times; the figures are
+median(requests/s mixed) / median(requests/s single) per server (target >= 0.9), and per-sequence /
+per-batch per mode. Results: OUT/profiles.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -83,6 +87,7 @@ def main() -> int:
         "threads": args.threads,
         "rounds": [],
     }
+    kernels = {"per-sequence": "1", "per-batch": "0"}  # LLAMA_ATTN_FTB_PER_SEQ of the server
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         extra: list[str] = []
@@ -92,26 +97,41 @@ def main() -> int:
                 "--attn-ftb-profile",
                 f"{n}={gguf_meta.write_bias_gguf(tmp / f'{n}.gguf', bias, info.arch)}",
             ]
-        server = bench_load.start_server(
-            model, "--no-warmup", *extra, threads=args.threads, slots=4, log_dir=tmp
-        )
+        servers: dict[str, bench_load.Server] = {}
         try:
-            run(server, single[: args.concurrency * 2], args.n_predict, args.concurrency)  # warm-up
+            for kernel, flag in kernels.items():  # both up at once, idle while the other one serves
+                os.environ["LLAMA_ATTN_FTB_PER_SEQ"] = flag
+                servers[kernel] = bench_load.start_server(
+                    model, "--no-warmup", *extra, threads=args.threads, slots=4, log_dir=tmp
+                )
+            os.environ.pop("LLAMA_ATTN_FTB_PER_SEQ")
+            for server in servers.values():
+                run(server, single[: args.concurrency * 2], args.n_predict, args.concurrency)  # warm-up
             for r in range(args.rounds):
-                for label, jobs in (("single", single), ("mixed", mixed)):
-                    rps, errors = run(server, jobs, args.n_predict, args.concurrency)
-                    doc["rounds"].append(
-                        {"round": r, "mode": label, "req_per_s": round(rps, 3), "errors": errors}
-                    )
-                    print(f"round {r} {label}: {rps:.2f} req/s, {errors} errors", flush=True)
+                for kernel, server in servers.items():
+                    for label, jobs in (("single", single), ("mixed", mixed)):
+                        rps, errors = run(server, jobs, args.n_predict, args.concurrency)
+                        doc["rounds"].append(
+                            {"round": r, "kernel": kernel, "mode": label, "req_per_s": round(rps, 3),
+                             "errors": errors}
+                        )  # fmt: skip
+                        print(f"round {r} {kernel} {label}: {rps:.2f} req/s, {errors} errors", flush=True)
         finally:
-            bench_load.stop_server(server)
+            for server in servers.values():
+                bench_load.stop_server(server)
     med = {
-        m: statistics.median(x["req_per_s"] for x in doc["rounds"] if x["mode"] == m)
+        (k, m): statistics.median(
+            x["req_per_s"] for x in doc["rounds"] if x["mode"] == m and x["kernel"] == k
+        )
+        for k in kernels
         for m in ("single", "mixed")
     }
-    doc["median_req_per_s"] = med
-    doc["ratio_mixed_over_single"] = round(med["mixed"] / med["single"], 3)
+    doc["median_req_per_s"] = {f"{k} {m}": v for (k, m), v in med.items()}
+    doc["ratio_mixed_over_single"] = {k: round(med[(k, "mixed")] / med[(k, "single")], 3) for k in kernels}
+    doc["ratio_per_sequence_over_per_batch"] = {
+        m: round(med[("per-sequence", m)] / med[("per-batch", m)], 3) for m in ("single", "mixed")
+    }
+    ratio = doc["ratio_mixed_over_single"]
     md = "\n".join(
         [
             "# Mixed bias profiles vs one profile in llama-server (-np 4)",
@@ -119,17 +139,24 @@ def main() -> int:
             f"`{doc['command']}` on {doc['machine']['cpu']} ({doc['machine']['cores']} cores),",
             f"{doc['date']}.",
             f"Model `{doc['model']}`, {args.requests} requests a run, {args.concurrency} connections, "
-            f"{args.n_predict} tokens each, {args.threads} threads; 4 profiles.",
+            f"{args.n_predict} tokens each, {args.threads} threads; 4 profiles. Two servers, rounds "
+            "interleaved: per-sequence biases (slots of different profiles share a batch; the default) and "
+            "per-batch (LLAMA_ATTN_FTB_PER_SEQ=0: one profile per batch).",
             "",
-            "| round | mode | req/s | errors |",
-            "|---|---|---|---|",
+            "| round | kernel | mode | req/s | errors |",
+            "|---|---|---|---|---|",
             *[
-                f"| {x['round']} | {x['mode']} | {x['req_per_s']:.2f} | {x['errors']} |"
+                f"| {x['round']} | {x['kernel']} | {x['mode']} | {x['req_per_s']:.2f} | {x['errors']} |"
                 for x in doc["rounds"]
             ],
             "",
-            f"Median req/s: single {med['single']:.2f}, mixed {med['mixed']:.2f}; "
-            f"ratio mixed / single **{doc['ratio_mixed_over_single']:.3f}** (target >= 0.9).",
+            "Median req/s: "
+            + "; ".join(f"{k} {m} {v:.2f}" for (k, m), v in med.items())
+            + ". Ratio mixed / single: "
+            + ", ".join(f"{k} **{v:.3f}**" for k, v in ratio.items())
+            + " (target >= 0.9). Per-sequence / per-batch: "
+            + ", ".join(f"{m} {v:.3f}" for m, v in doc["ratio_per_sequence_over_per_batch"].items())
+            + ".",
             "",
         ]
     )

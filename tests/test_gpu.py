@@ -153,3 +153,15 @@ def test_backend_ops_cases_on_the_gpu(tiny: Path, ops: str, params: str) -> None
         ):
             failed.append(f"{op}({vars_}): rc {res.returncode}: {res.stdout[-300:]}{res.stderr[-300:]}")
     assert not failed, f"{len(failed)} of {len(cases)} cases failed on {device}:\n" + "\n".join(failed[:10])
+
+
+def test_a_bias_per_row_is_left_to_the_cpu(tiny: Path) -> None:
+    """Per-row biases (per-sequence profiles, patch 0002) have CPU kernels only: the GPU backend must decline
+    every such case (the scheduler then runs it on the CPU), never run it with one bias for all rows."""
+    device = Model(tiny).gpu_devices[0]
+    for op in ("SOFT_MAX", "FLASH_ATTN_EXT"):
+        cases = _cases(op, "kv_bias=rows")
+        res = _backend_ops(device, op, "kv_bias=rows", 600)
+        assert "FAIL" not in res.stdout, res.stdout[-2000:] + res.stderr[-1000:]
+        declined = re.findall(r"^  (\w+)\((.*)\): not supported", res.stdout, re.M)
+        assert sorted(declined) == sorted(cases), res.stdout[-3000:]

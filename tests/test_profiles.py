@@ -264,11 +264,20 @@ def _start(served: dict, tmp: Path, *extra: str) -> bench_load.Server:
     return bench_load.start_server(served["model"], "--no-warmup", *args, *extra, threads=1, log_dir=tmp)
 
 
-def test_server_profiles_per_request_equal_single_profile_results(served: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_seq", ["1", "0"])
+def test_server_profiles_per_request_equal_single_profile_results(
+    served: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_seq: str
+) -> None:
     """3 profiles + none + the stored bias, 4 slots, 240 concurrent requests with random profiles: every
-    prompt's log-probs (echo) equal the engine's with that profile's biases; no error; memory stable."""
+    prompt's log-probs (echo) equal the engine's with that profile's biases; no error; memory stable. With
+    per-sequence biases (the default) slots of different profiles share a batch: the bias is a kernel input
+    per row (with the CPU kernel reading one row's bias for all, this test fails); with
+    LLAMA_ATTN_FTB_PER_SEQ=0 each batch has one profile."""
+    monkeypatch.setenv("LLAMA_ATTN_FTB_PER_SEQ", per_seq)
     server = _start(served, tmp_path)
     try:
+        mode = "one per sequence, mixed in a batch" if per_seq == "1" else "one per batch"
+        assert f"first-token bias profiles: {mode}" in server.log.read_text()
         status, listing = bench_load.http(server.url + "/attn-ftb-profiles")
         assert status == 200
         by_name = {p["name"]: p for p in listing["profiles"]}
