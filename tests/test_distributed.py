@@ -169,6 +169,8 @@ def test_calibrate_with_workers_writes_the_same_tuned_file(setup: dict[str, Any]
     a, b = reps["single"], reps["workers"]
     for key in ("chosen", "evaluations", "baseline", "tuned", "delta", "baselines"):
         assert a[key] == b[key], key
+    assert a["search"]["workers"] is None
+    assert b["search"]["workers"]["n"] == 2 and b["search"]["workers"]["replaced"] == 0
     biases = [read_model_info(tmp_path / f"{name}.gguf").biases for name in ("single", "workers")]
     assert biases[0] is not None and np.any(biases[0])
     np.testing.assert_array_equal(biases[0], biases[1])

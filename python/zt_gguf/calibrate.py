@@ -106,6 +106,7 @@ class Outcome:
     comparison: baselines.Comparison | None = None  # the output-side baselines on the held-out items
     attention: str = ""  # where attention ran with the chosen biases (engine.describe_attention)
     gpu_layers: int = 0  # layers offloaded to a GPU backend
+    workers: dict[str, Any] | None = None  # the Ray workers of the search (n, nodes, replaced), None: none
 
 
 def _label_words(items: Sequence[Item]) -> list[str]:
@@ -339,6 +340,7 @@ def calibrate(
         pools = distributed.open_pool(
             spec, options.workers, address=options.ray_address, on_scores=memo.store, log=say
         )
+    workers: dict[str, Any] | None = None
     with pools as pool:
         if pool is not None:
             say(f"{pool.n_workers} worker(s) ready on {', '.join(sorted(set(pool.nodes)))}")
@@ -353,6 +355,14 @@ def calibrate(
             events=on_event,
             pool=pool,
         )
+        if pool is not None:
+            workers = {
+                "n": pool.n_workers,
+                "threads": options.n_threads,
+                "nodes": sorted(set(pool.nodes)),
+                "replaced": pool.replacements,
+                "address": options.ray_address,
+            }
     t_search = time.monotonic() - t1
 
     heldout: HeldOut | None = None
@@ -445,6 +455,7 @@ def calibrate(
         comparison=comparison,
         attention=attention,
         gpu_layers=model.n_gpu_layers,
+        workers=workers,
     )
 
 

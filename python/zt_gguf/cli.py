@@ -458,7 +458,7 @@ def _report(
             "holdout": opts.holdout,
         },
         mode=o.mode,
-        search={"method": r.method, "objective": o.objective, "settings": r.config},
+        search={"method": r.method, "objective": o.objective, "settings": r.config, "workers": o.workers},
         scoring={
             "primary": o.scoring,
             "reason": o.scoring_reason,

@@ -15,7 +15,8 @@ Shapes of the :class:`Report` dict fields (conventions; :func:`format_summary` t
 
 * ``model``: path, arch, n_layer, n_head, sha256 (optional).
 * ``task``: path, sha256, n_items, n_calibration, n_heldout, seed, holdout.
-* ``search``: method, objective, settings (dict).
+* ``search``: method, objective, settings (dict), workers (the Ray workers: n, threads, nodes, replaced,
+  address; None in one process).
 * ``scoring``: primary ("generate" | "choice"), n_gen.
 * ``baseline`` / ``tuned``: held-out metrics, see :func:`heldout_metrics`: n, accuracy_generate,
   accuracy_choice, invalid_rate, intervals {"accuracy_generate": [lo, hi], "accuracy_choice": [lo, hi]}.
