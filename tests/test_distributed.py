@@ -178,14 +178,16 @@ def test_calibrate_with_workers_writes_the_same_tuned_file(setup: dict[str, Any]
 
 def test_workers_without_ray_say_how_to_get_it(setup: dict[str, Any], tmp_path: Path) -> None:
     task = write_tiny_task(tmp_path / "task.jsonl", 30)
+    out = tmp_path / "out.gguf"
     p = _cli("calibrate", str(setup["model"]), "--task", str(task), "--workers", "2", "--quiet",
-             pre="sys.modules['ray'] = None; ")  # fmt: skip
+             "-o", str(out), pre="sys.modules['ray'] = None; ")  # fmt: skip
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert lines == [
         'zt-gguf: error: distributed calibration needs Ray: pip install "zt-gguf[ray]" (or pip install ray)'
     ]
-    assert not (tmp_path / "task.report").exists()
+    # refused before anything is written: no report folder, no tuned file
+    assert not (tmp_path / "out.report").exists() and not out.exists()
 
 
 def test_calibrate_joins_a_running_cluster(setup: dict[str, Any], tmp_path: Path) -> None:
