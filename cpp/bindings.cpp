@@ -34,7 +34,10 @@ py::str utf8(const std::string & s) {
 PYBIND11_MODULE(_core, m) {
     m.doc() = "zt-gguf engine: batched multiple-choice scoring through the patched llama.cpp";
 
-    py::register_exception<zt::error>(m, "EngineError", PyExc_RuntimeError);
+    // the engine's errors are about what the user gave (a model file, an item, a context size): they join
+    // zt_gguf's error family (zt_gguf.errors.EngineErrorBase: UserError and RuntimeError)
+    py::object base = py::module_::import("zt_gguf.errors").attr("EngineErrorBase");
+    py::register_exception<zt::error>(m, "EngineError", base);
 
     py::class_<zt::model_info>(m, "ModelInfo")
         .def_readonly("arch", &zt::model_info::arch)

@@ -1,7 +1,9 @@
-"""The main job: choose ZeroTuning biases for a task, check them on held-out items, write the tuned GGUF.
+"""calibrate(): choose ZeroTuning biases for a task, check them on held-out items, write the tuned GGUF.
 
-    split (calibration / held-out) -> search on the calibration part -> baseline and tuned scores of the
-    held-out part -> write the tuned file only if it is better there (or --force) -> report
+A short pipeline of named stages:
+
+    plan (pure) -> open the engine -> choose the scoring -> search -> held-out check
+                -> compare with the free baselines -> decide (pure) -> write the outputs (one place)
 
 A gain is never reported on the items used to choose: the held-out part is scored only after the search.
 """
@@ -9,29 +11,30 @@ A gain is never reported on the items used to choose: the held-out part is score
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__, baselines, gguf_meta, metrics
+from . import comparison as cmp
+from . import metrics, scoring, stats
 from .engine import Context, Model, fit_n_ctx
-from .search import SearchConfig, SearchResult, bias_hash, search
+from .errors import UserError
+from .gguf_meta import ModelInfo, read_model_info
+from .options import CalibrateOptions
+from .outputs import Outputs, prepare, write_outputs
+from .results import Calibration, Decision, Delta, HeldOut, Plan, Workers
+from .search import SearchResult, search
 from .tasks import Item, Task, split_items
 
 MIN_SUPERVISED_ITEMS = 20
-# --scoring auto takes "generate" when the untuned model names a label in more than this share of its greedy
-# continuations of the first chunk of calibration items, else "choice" (a base model that continues with
-# anything but a label word would score 0 on every candidate: Gemma 3 270M names none on 5 of our 6 tasks)
-AUTO_MIN_VALID = 0.5
-SCORINGS = ("auto", "generate", "choice")
 MIN_CHECK_ITEMS = 24  # labelled items for a held-out check of an unsupervised pick
+MODES = ("auto", "supervised", "unsupervised")
+SCORINGS = scoring.SCORINGS
 
 # which objective a mode and scoring calibrate for, unless one is named. Unsupervised: mutual information,
 # measured against the paper's full-vocabulary entropy on 6 tasks x 2 models (benchmarks/results/accuracy.md):
@@ -44,10 +47,11 @@ DEFAULT_OBJECTIVE = {
     ("unsupervised", "generate"): "mutual-information",
     ("unsupervised", "choice"): "mutual-information",
 }
+SCORED_BY = ("generate", "choice")  # the held-out check reports both scorings
 
 
-class CalibrationError(ValueError):
-    pass
+class CalibrationError(UserError, ValueError):
+    """A calibration that cannot run as asked (too few items, a mode without labels, ...)."""
 
 
 # progress(stage, total) -> update(done, note): one bar per stage; note names the current candidate
@@ -55,194 +59,110 @@ ProgressFactory = Callable[[str, int], Callable[[int, str | None], None]]
 Log = Callable[[str], None]  # an informational line for the user (stderr in the CLI)
 
 
-@dataclass
-class CalibrateOptions:
-    mode: str = "auto"  # auto | supervised | unsupervised
-    scoring: str = "auto"  # auto | generate | choice (auto: see AUTO_MIN_VALID)
-    objective: str | None = None  # None: DEFAULT_OBJECTIVE
-    n_gen: int = 4  # greedy tokens generated for the "generate" scoring
-    holdout: float = 0.3
-    seed: int = 42
-    max_items: int | None = None
-    search: SearchConfig = field(default_factory=SearchConfig)
-    n_threads: int = 2
-    gpu_layers: int | None = None  # None: all layers on a GPU backend when there is one (engine.Model)
-    n_ctx: int | None = None  # None: fitted to the items (engine.fit_n_ctx)
-    flash_attn: bool | None = None
-    force: bool = False
-    check_items: Sequence[Item] | None = None  # labelled items to check an unsupervised pick
-    # the search over Ray workers (zt_gguf.distributed): workers on this machine, or a cluster's address
-    workers: int | None = None
-    ray_address: str | None = None
-    worker_model: Path | None = None  # the model's path on the workers (None: model_path)
-
-    @property
-    def distributed(self) -> bool:
-        return self.workers is not None or self.ray_address is not None
-
-
-@dataclass
-class HeldOut:
-    n: int
-    baseline: dict[str, Any]  # metrics.Summary of the held-out items, untuned
-    tuned: dict[str, Any]  # the same with the chosen biases
-    delta: dict[str, Any]  # per scoring: delta, lo, hi (tuned - baseline, paired bootstrap)
-
-
-@dataclass
-class Outcome:
-    mode: str
-    scoring: str
-    scoring_reason: str  # why this scoring (the user's choice, or what auto measured)
-    objective: str
-    result: SearchResult
-    heldout: HeldOut | None
-    n_calibration: int
-    improved: bool | None  # None: not verifiable (unsupervised without labelled items)
-    written: Path | None
-    not_written_reason: str | None
-    warnings: list[str]
-    timings: dict[str, float]
-    comparison: baselines.Comparison | None = None  # the output-side baselines on the held-out items
-    attention: str = ""  # where attention ran with the chosen biases (engine.describe_attention)
-    gpu_layers: int = 0  # layers offloaded to a GPU backend
-    workers: dict[str, Any] | None = None  # the Ray workers of the search (n, nodes, replaced), None: none
-
-
-def _label_words(items: Sequence[Item]) -> list[str]:
-    """Stop strings for generation: the labels, when the items share a small label set."""
-    words = {c.strip() for it in items for c in it.choices}
-    return sorted(w for w in words if w) if 0 < len(words) <= 32 else []
-
-
-def _summaries(scores: list, items: Sequence[Item]) -> tuple[dict[str, Any], list[metrics.ItemResult]]:
-    results = metrics.item_results(scores, items)
-    return metrics.summarize(results, items).to_dict(), results
-
-
-def _correct(results: list[metrics.ItemResult], items: Sequence[Item], scoring: str) -> np.ndarray:
-    if scoring == "generate":
-        return np.array([r.gen_pred == it.answer for r, it in zip(results, items)], dtype=np.float64)
-    return np.array([r.choice_pred == it.answer for r, it in zip(results, items)], dtype=np.float64)
-
-
-def choose_scoring(
-    ctx: Any, items: Sequence[Item], n_gen: int, stops: Sequence[str], max_valid: float = AUTO_MIN_VALID
-) -> tuple[str, str, float]:
-    """--scoring auto: generate greedily for the items with the bias off; (scoring, reason, valid share)."""
-    ctx.set_bias(None)
-    res = metrics.item_results(ctx.score(items, n_gen=n_gen, gen_stop=stops), items)
-    valid = float(np.mean([r.gen_pred is not None for r in res])) if res else 0.0
-    what = f"the untuned model names a label in {100 * valid:.0f}% of {len(res)} greedy continuations"
-    if valid > max_valid:
-        return "generate", f"{what} (> {100 * max_valid:.0f}%)", valid
-    return (
-        "choice",
-        f"{what}; generate scoring would count the rest as wrong, so the most likely choice is scored",
-        valid,
-    )
-
-
-class MemoScorer:
-    """Scores items under a bias (None or zeros: off) and a logit bias, each (bias, item) once per run.
-
-    The search, the held-out check and the baselines ask for the same (bias, item) pairs again (the baseline
-    and the pick on the calibration items, for instance); the cache answers those."""
-
-    def __init__(self, ctx: Any, n_gen: int, stops: Sequence[str]) -> None:
-        self.ctx, self.n_gen, self.stops = ctx, n_gen, list(stops)
-        self.cache: dict[tuple[str, tuple[tuple[int, float], ...], str, str], Any] = {}
-
-    def __call__(
-        self, bias: np.ndarray | None, items: Sequence[Item], logit_bias: Sequence[tuple[int, float]] = ()
-    ) -> list[Any]:
-        bkey = "off" if bias is None or not np.any(bias) else bias_hash(bias)
-        lb = tuple((int(t), float(b)) for t, b in logit_bias)
-        keys = [(bkey, lb, it.id, it.prompt) for it in items]
-        missing = [it for it, k in zip(items, keys) if k not in self.cache]
-        if missing:
-            self.ctx.set_bias(None if bias is None else np.asarray(bias, np.float32))
-            out = self.ctx.score(missing, n_gen=self.n_gen, gen_stop=self.stops, logit_bias=lb)
-            for it, sc in zip(missing, out):
-                self.cache[(bkey, lb, it.id, it.prompt)] = sc
-        return [self.cache[k] for k in keys]
-
-    def store(self, bias: np.ndarray | None, items: Sequence[Item], scores: Sequence[Any]) -> None:
-        """Scores computed elsewhere (a worker) under bias, with no logit bias."""
-        bkey = "off" if bias is None or not np.any(bias) else bias_hash(bias)
-        for it, sc in zip(items, scores):
-            self.cache[(bkey, (), it.id, it.prompt)] = sc
-
-
-def content_free_items(task: Task, items: Sequence[Item]) -> list[Item]:
-    """Contextual Calibration's prompts, with the task's shared choices (none without a shared template)."""
-    if not task.content_free or not items:
-        return []
-    return [
-        Item(prompt=p, choices=items[0].choices, answer=None, id=f"content-free:{cf}")
-        for cf, p in task.content_free.items()
-    ]
-
-
-def _use_instead(row: baselines.Row) -> str:
-    c = row.correction
-    if c is None:
-        return "the untuned model as it is"
-    if isinstance(c, baselines.LogitBias):
-        return "the untuned model with " + " ".join(c.cli_args())
-    return f"the untuned model with the {baselines.describe(row.key).split(' + ')[1]} offset on the choices"
-
-
-def scorer_id(model_path: Path, scoring: str, n_gen: int) -> str:
-    st = model_path.stat()
-    h = hashlib.sha256(f"{model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{h}|{scoring}|{n_gen}|{__version__}"
+# --- the pipeline ---------------------------------------------------------------------------------------
 
 
 def calibrate(
     model_path: Path,
     task: Task,
     options: CalibrateOptions,
+    outputs: Outputs | None = None,
     *,
-    output: Path | None,
-    checkpoint: Path | None = None,
     progress: ProgressFactory | None = None,
     log: Log | None = None,
-) -> Outcome:
-    """Run the calibration; write the tuned GGUF to output when it is better on held-out items (or forced).
+) -> Calibration:
+    """Run the calibration; write the tuned GGUF (when it beats the baseline and the free corrections on the
+    held-out items, or with force), its profile and the report, as outputs asks.
 
     log(line), when given, receives what the run decided and expects before the search (the scoring and
     why, the number of candidates, the time estimate from the first chunk) and early warnings."""
     t0 = time.monotonic()
+    outputs = outputs or Outputs()
+    check_outputs(model_path, outputs)
+    notes = _Notes(log)
+    info = read_model_info(model_path)
+    plan = plan_calibration(task, options, info)
+    prepare(outputs)
+    notes.warnings += plan.warnings
+    engine = open_engine(model_path, plan, options)
+    chosen = choose_scoring(engine, plan, options)
+    notes.say(f"scoring: {chosen.scoring} ({chosen.reason})")
+    n_gen = 1 if chosen.scoring == "choice" else options.n_gen
+    memo = scoring.MemoScorer(engine.ctx, n_gen, plan.stops)
+    objective = options.objective or DEFAULT_OBJECTIVE[(plan.mode, chosen.scoring)]
+
+    t1 = time.monotonic()
+    result, workers = run_search(model_path, engine, plan, memo, options, outputs, chosen.scoring, objective,
+                                 notes, progress)  # fmt: skip
+    t2 = time.monotonic()
+    heldout = heldout_check(memo, plan.held, result.bias, options.seed, progress)
+    if heldout is not None and (lower := lowered_other_scoring(heldout, chosen.scoring)) is not None:
+        notes.warnings.append(lower)
+    comparison = cmp.run_comparison(
+        memo,
+        plan.calib,
+        plan.held,
+        scoring.content_free_items(task, _items(task, options)),
+        result.bias,
+        supervised=plan.mode == "supervised",
+        scoring=chosen.scoring,
+        objective=objective,
+        seed=options.seed,
+    )
+    t3 = time.monotonic()
+    decision = decide(result.bias, heldout, comparison, chosen.scoring, options.force)
+    if decision.warning is not None:
+        notes.warn(decision.warning)
+    attention = engine.ctx.probe_attention(result.bias if np.any(result.bias) else None, plan.calib[0])
+    cal = Calibration(
+        mode=plan.mode,
+        scoring=chosen.scoring,
+        scoring_reason=chosen.reason,
+        objective=objective,
+        result=result,
+        heldout=heldout,
+        n_calibration=len(plan.calib),
+        decision=decision,
+        warnings=notes.warnings,
+        timings={"search_s": t2 - t1, "heldout_s": t3 - t2, "total_s": time.monotonic() - t0},
+        comparison=comparison,
+        attention=attention,
+        gpu_layers=engine.model.n_gpu_layers,
+        workers=workers,
+    )
+    return write_outputs(model_path, task, options, outputs, cal)
+
+
+# --- stage: plan (pure) ---------------------------------------------------------------------------------
+
+
+def _items(task: Task, options: CalibrateOptions) -> list[Item]:
+    return list(task.items if options.max_items is None else task.items[: options.max_items])
+
+
+def plan_calibration(task: Task, options: CalibrateOptions, info: ModelInfo) -> Plan:
+    """The mode, the calibration / held-out split and the warnings known before any scoring; raises
+    CalibrationError for a calibration that cannot run as asked."""
     warnings: list[str] = []
-
-    def say(line: str) -> None:
-        if log is not None:
-            log(line)
-
-    def warn(line: str) -> None:
-        warnings.append(line)
-        say(f"warning: {line}")
-
-    info = gguf_meta.read_model_info(model_path)
     if info.bias_problem:
-        warnings.append(f"{model_path}: its stored first-token bias is ignored: {info.bias_problem}")
-
-    items = list(task.items if options.max_items is None else task.items[: options.max_items])
+        warnings.append(f"{info.path}: its stored first-token bias is ignored: {info.bias_problem}")
+    items = _items(task, options)
     mode = options.mode
     if mode == "auto":
         mode = "supervised" if task.has_answers else "unsupervised"
-    if mode not in ("supervised", "unsupervised"):
-        raise CalibrationError(f"unknown mode {mode!r}")
+    if mode not in MODES:
+        raise CalibrationError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if options.scoring not in SCORINGS:
-        raise CalibrationError(f"unknown scoring {options.scoring!r}")
+        raise CalibrationError(f"unknown scoring {options.scoring!r}; choose from {', '.join(SCORINGS)}")
     if options.objective is not None:
-        obj = metrics.get_objective(options.objective)
+        try:
+            obj = metrics.get_objective(options.objective)
+        except ValueError as e:
+            raise CalibrationError(str(e)) from None
         if mode == "unsupervised" and obj.needs_labels:
             raise CalibrationError(
                 f"objective {options.objective!r} needs labels; unsupervised mode cannot use it"
             )
-
     if mode == "supervised":
         if not task.has_answers:
             raise CalibrationError(f"{task.path}: supervised mode needs an answer on every item")
@@ -252,231 +172,234 @@ def calibrate(
                 f"{MIN_SUPERVISED_ITEMS} (more is better: the held-out check needs them too)"
             )
         calib, held = split_items(items, options.holdout, options.seed)
+    elif task.has_answers and options.holdout > 0:  # labels exist: choose without them, check with them
+        calib, held = split_items(items, options.holdout, options.seed)
     else:
-        if task.has_answers and options.holdout > 0:
-            # labels exist: choose without them, check with them
-            calib, held = split_items(items, options.holdout, options.seed)
-        else:
-            calib, held = items, list(options.check_items or [])
-        if len(held) < MIN_CHECK_ITEMS:
-            warnings.append(
-                "unsupervised pick NOT verified: no labelled items checked it (pass --check FILE with a few "
-                "dozen labelled items); on our data the unsupervised objectives sometimes lower accuracy"
-            )
-            held = held if len(held) else []
+        calib, held = items, list(options.check_items or [])
+    if mode == "unsupervised" and len(held) < MIN_CHECK_ITEMS:
+        warnings.append(
+            "unsupervised pick NOT verified: no labelled items checked it (pass --check FILE with a few "
+            "dozen labelled items); on our data the unsupervised objectives sometimes lower accuracy"
+        )
     if not calib:
         raise CalibrationError(f"{task.path}: no items left for calibration")
+    return Plan(mode=mode, calib=calib, held=held, stops=scoring.label_words(items), warnings=warnings)
 
+
+def check_outputs(model_path: Path, outputs: Outputs) -> None:
+    """Refuse outputs that would overwrite the input model or each other."""
+    if not model_path.exists():
+        raise CalibrationError(f"{model_path}: no such file")
+    if outputs.tuned is not None and _same_file(model_path, outputs.tuned):
+        raise CalibrationError(
+            f"{outputs.tuned}: the output would overwrite the input model; choose another -o"
+        )
+    if outputs.profile is not None and any(
+        p is not None and _same_file(p, outputs.profile) for p in (model_path, outputs.tuned)
+    ):
+        raise CalibrationError(
+            f"{outputs.profile}: --profile-out would overwrite the model or the tuned file"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+# --- stage: open the engine -----------------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    """The model and the context every stage scores with."""
+
+    model: Model
+    ctx: Context
+    n_ctx: int
+
+
+def open_engine(model_path: Path, plan: Plan, options: CalibrateOptions) -> Engine:
     model = Model(model_path, gpu_layers=options.gpu_layers)
     n_gen = options.n_gen if options.scoring != "choice" else 1
-    n_ctx = options.n_ctx or fit_n_ctx(model, [*calib, *held], options.search.chunk_size, n_gen)
+    n_ctx = options.n_ctx or fit_n_ctx(model, [*plan.calib, *plan.held], options.search.chunk_size, n_gen)
     ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx, flash_attn=options.flash_attn)
-    stops = _label_words(items)
-    scoring, scoring_reason = options.scoring, "as asked (--scoring)"
-    if scoring == "auto":
-        scoring, scoring_reason, _ = choose_scoring(ctx, calib[: options.search.chunk_size], n_gen, stops)
-    if scoring == "choice":
-        n_gen = 1
-    say(f"scoring: {scoring} ({scoring_reason})")
-    objective = options.objective or DEFAULT_OBJECTIVE[(mode, scoring)]
-    memo = MemoScorer(ctx, n_gen, stops)
+    return Engine(model, ctx, n_ctx)
 
-    def scorer(bias: np.ndarray, chunk: Sequence[Item]) -> list[Any]:
-        return memo(bias, chunk)
 
-    current: list[Any] = [None, None, None, 0]  # stage, update, current candidate, candidates done
+# --- stage: choose the scoring --------------------------------------------------------------------------
 
-    def search_progress(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            if current[0] != stage:
-                current[0], current[1] = stage, progress(stage, total)
-            note = current[2] if not options.distributed else f"{current[3]} candidates done; {current[2]}"
-            current[1](done, note)
 
-    def on_event(name: str, data: dict[str, Any]) -> None:
-        if name == "candidate":
-            current[2] = data["description"]
-        elif name == "done":
-            current[3] = data["n_done"]
-        elif name == "plan":
-            say(
-                f"search {options.search.method}: up to {data['n_candidates']} candidates on "
-                f"{data['n_items']} calibration items ({data['n_chunks']} chunks of {data['chunk_size']}), "
-                f"objective {objective}"
-            )
-        elif name == "estimate":
-            say(
-                f"first chunk scored in {data['chunk_s']:.1f} s: the search takes up to "
-                f"{_duration(data['estimate_s'])}"
-                + (f" on {data['n_workers']} workers" if data.get("n_workers", 1) > 1 else "")
-                + " (less when early stopping drops candidates)"
-            )
-        elif name == "no_discrimination":
-            warn(
-                f"the first {data['n_candidates']} candidates score exactly the same on the first "
-                f"{data['n_items']} items: {scoring} scoring with objective {objective} cannot tell them "
-                "apart on this model and task (try --scoring choice, or --objective logprob)"
-            )
+def choose_scoring(engine: Engine, plan: Plan, options: CalibrateOptions) -> scoring.ScoringChoice:
+    """The user's scoring, or --scoring auto's measurement on the first chunk of calibration items."""
+    if options.scoring != "auto":
+        return scoring.ScoringChoice(options.scoring, "as asked (--scoring)")
+    first = plan.calib[: options.search.chunk_size]
+    return scoring.choose_scoring(engine.ctx, first, options.n_gen, plan.stops)
 
-    config = SearchConfig(**{**options.search.__dict__, "objective": objective})
-    t1 = time.monotonic()
-    pools: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
-    if options.distributed:
-        from . import distributed
 
-        spec = distributed.WorkerSpec(
-            model_path=str(options.worker_model or model_path.resolve()),
-            model_size=model_path.stat().st_size,
-            n_threads=options.n_threads,
-            n_ctx=n_ctx,
-            n_gen=n_gen,
-            gen_stop=tuple(stops),
-            gpu_layers=options.gpu_layers,
-            flash_attn=options.flash_attn,
-        )
-        where = f"on the Ray cluster at {options.ray_address}" if options.ray_address else "on this machine"
-        count = options.workers or "as many Ray workers as the cluster holds,"
-        say(f"starting {count} Ray worker(s) {where}, {options.n_threads} thread(s) each")
-        pools = distributed.open_pool(
-            spec, options.workers, address=options.ray_address, on_scores=memo.store, log=say
-        )
-    workers: dict[str, Any] | None = None
-    with pools as pool:
-        if pool is not None:
-            say(f"{pool.n_workers} worker(s) ready on {', '.join(sorted(set(pool.nodes)))}")
+# --- stage: search --------------------------------------------------------------------------------------
+
+
+def run_search(
+    model_path: Path,
+    engine: Engine,
+    plan: Plan,
+    memo: scoring.MemoScorer,
+    options: CalibrateOptions,
+    outputs: Outputs,
+    scoring_name: str,
+    objective: str,
+    notes: _Notes,
+    progress: ProgressFactory | None,
+) -> tuple[SearchResult, Workers | None]:
+    """The search on the calibration items, in this process or over Ray workers (the same picks)."""
+    config = replace(options.search, objective=objective, seed=options.seed)
+    feedback = _SearchFeedback(notes, progress, options, scoring_name, objective)
+    with _pool(model_path, engine, memo, options, notes) as pool:
         result = search(
-            scorer,
-            calib,
-            model.bias_shape,
+            lambda bias, chunk: memo(bias, chunk),
+            plan.calib,
+            engine.model.bias_shape,
             config,
-            checkpoint=checkpoint,
-            progress=search_progress,
-            scorer_id=scorer_id(model_path, scoring, n_gen),
-            events=on_event,
+            checkpoint=outputs.checkpoint,
+            progress=feedback.progress,
+            scorer_id=scoring.scorer_id(model_path, scoring_name, memo.n_gen),
+            events=feedback.event,
             pool=pool,
         )
+        workers = None
         if pool is not None:
-            workers = {
-                "n": pool.n_workers,
-                "threads": options.n_threads,
-                "nodes": sorted(set(pool.nodes)),
-                "replaced": pool.replacements,
-                "address": options.ray_address,
-            }
-    t_search = time.monotonic() - t1
-
-    heldout: HeldOut | None = None
-    improved: bool | None = None
-    t2 = time.monotonic()
-    if held:
-        tick = progress("held-out", 2) if progress else None
-        base_scores = scorer(np.zeros(model.bias_shape, np.float32), held)
-        if tick:
-            tick(1, "baseline")
-        tuned_scores = scorer(result.bias, held)
-        if tick:
-            tick(2, "tuned")
-        base_sum, base_res = _summaries(base_scores, held)
-        tuned_sum, tuned_res = _summaries(tuned_scores, held)
-        base_c = {s: _correct(base_res, held, s) for s in ("generate", "choice")}
-        tuned_c = {s: _correct(tuned_res, held, s) for s in ("generate", "choice")}
-        delta = {}
-        for s in ("generate", "choice"):
-            d, lo, hi = metrics.paired_bootstrap_delta(base_c[s], tuned_c[s], seed=options.seed)
-            delta[s] = {"delta": d, "lo": lo, "hi": hi}
-        heldout = HeldOut(n=len(held), baseline=base_sum, tuned=tuned_sum, delta=delta)
-        improved = bool(delta[scoring]["delta"] > 0)
-        other = "choice" if scoring == "generate" else "generate"
-        if delta[other]["delta"] < 0:
-            warnings.append(
-                f"the tuned biases LOWER held-out {other} accuracy by "
-                f"{-100 * delta[other]['delta']:.1f} points (calibrated for {scoring})"
+            nodes = sorted(set(pool.nodes))
+            workers = Workers(
+                pool.n_workers, options.n_threads, nodes, pool.replacements, options.ray_address
             )
-    comparison: baselines.Comparison | None = None
-    if held:
-        comparison = baselines.run_comparison(
-            memo,
-            calib,
-            held,
-            content_free_items(task, items),
-            result.bias,
-            supervised=mode == "supervised",
-            scoring=scoring,
-            objective=objective,
-            seed=options.seed,
-        )
-        v = comparison.verdict if comparison else None
-        if v is not None:
-            if v.beats:
-                improved = True
-            else:
-                improved = False
-                warn(
-                    f"a free output-side correction does as well as ZeroTuning on the held-out items: "
-                    f"{baselines.describe(v.best_free.key)} {100 * v.best_free.accuracy:.1f}% vs "
-                    f"{baselines.describe(v.shipped.key)} {100 * v.shipped.accuracy:.1f}% "
-                    f"({_fmt_delta(v.delta)}); use {_use_instead(v.best_free)}"
-                )
-    t_heldout = time.monotonic() - t2
+    return result, workers
 
-    tuned_is_baseline = not np.any(result.bias)
-    written: Path | None = None
-    reason: str | None = None
-    if tuned_is_baseline:
-        reason = "the search kept the baseline (no candidate beat it on the calibration items)"
-    elif improved is False and not options.force:
-        v = comparison.verdict if comparison else None
-        reason = (
-            "the tuned model is not better than the baseline on the held-out items (use --force to write it)"
-            if v is None
-            else f"{baselines.describe(v.best_free.key)} is at least as good on the held-out items "
-            f"({100 * v.best_free.accuracy:.1f}% vs {100 * v.shipped.accuracy:.1f}%): use "
-            f"{_use_instead(v.best_free)} (or --force to write the tuned file)"
-        )
-    attention = ctx.probe_attention(result.bias if np.any(result.bias) else None, calib[0])
-    if output is not None and reason is None:
-        provenance = provenance_of(task, mode, options, scoring, objective, result, heldout, len(calib))
-        provenance.update(comparison_provenance(comparison))
-        written = gguf_meta.write_tuned(model_path, output, result.bias, provenance)
 
-    return Outcome(
-        mode=mode,
-        scoring=scoring,
-        scoring_reason=scoring_reason,
-        objective=objective,
-        result=result,
-        heldout=heldout,
-        n_calibration=len(calib),
-        improved=improved,
-        written=written,
-        not_written_reason=reason if output is not None else "no output requested",
-        warnings=warnings,
-        timings={"search_s": t_search, "heldout_s": t_heldout, "total_s": time.monotonic() - t0},
-        comparison=comparison,
-        attention=attention,
-        gpu_layers=model.n_gpu_layers,
-        workers=workers,
+@contextlib.contextmanager
+def _pool(
+    model_path: Path, engine: Engine, memo: scoring.MemoScorer, options: CalibrateOptions, notes: _Notes
+) -> Iterator[Any]:
+    """A Ray pool of workers for --workers / --ray-address; None: the search scores in this process."""
+    if not options.distributed:
+        yield None
+        return
+    from . import distributed
+
+    spec = distributed.WorkerSpec(
+        model_path=str(options.worker_model or model_path.resolve()),
+        model_size=model_path.stat().st_size,
+        n_threads=options.n_threads,
+        n_ctx=engine.n_ctx,
+        n_gen=memo.n_gen,
+        gen_stop=tuple(memo.stops),
+        gpu_layers=options.gpu_layers,
+        flash_attn=options.flash_attn,
+    )
+    where = f"on the Ray cluster at {options.ray_address}" if options.ray_address else "on this machine"
+    count = options.workers or "as many Ray workers as the cluster holds,"
+    notes.say(f"starting {count} Ray worker(s) {where}, {options.n_threads} thread(s) each")
+    with distributed.open_pool(spec, options.workers, address=options.ray_address, log=notes.say) as pool:
+        notes.say(f"{pool.n_workers} worker(s) ready on {', '.join(sorted(set(pool.nodes)))}")
+        yield pool
+
+
+# --- stage: held-out check ------------------------------------------------------------------------------
+
+
+def heldout_check(
+    score: Callable[[np.ndarray | None, Sequence[Item]], list[Any]],
+    held: Sequence[Item],
+    bias: np.ndarray,
+    seed: int,
+    progress: ProgressFactory | None = None,
+) -> HeldOut | None:
+    """The untuned and the tuned model on the held-out items (None: there are none)."""
+    if not held:
+        return None
+    tick = progress("held-out", 2) if progress else None
+    base = metrics.item_results(score(None, held), held)
+    if tick:
+        tick(1, "baseline")
+    tuned = metrics.item_results(score(bias, held), held)
+    if tick:
+        tick(2, "tuned")
+    delta = {}
+    for s in SCORED_BY:
+        d = stats.paired_bootstrap_delta(_correct(base, held, s), _correct(tuned, held, s), seed=seed)
+        delta[s] = Delta(*d)
+    return HeldOut(len(held), metrics.summarize(base, held), metrics.summarize(tuned, held), delta)
+
+
+def _correct(results: Sequence[metrics.ItemResult], items: Sequence[Item], scoring_name: str) -> np.ndarray:
+    pred = [r.gen_pred if scoring_name == "generate" else r.choice_pred for r in results]
+    return np.array([p == it.answer for p, it in zip(pred, items)], dtype=np.float64)
+
+
+def lowered_other_scoring(heldout: HeldOut, scoring_name: str) -> str | None:
+    """A warning when the biases lower the held-out accuracy of the scoring they were not chosen for."""
+    other = "choice" if scoring_name == "generate" else "generate"
+    d = heldout.delta[other].delta
+    if d >= 0:
+        return None
+    return (
+        f"the tuned biases LOWER held-out {other} accuracy by {-100 * d:.1f} points "
+        f"(calibrated for {scoring_name})"
     )
 
 
-def comparison_provenance(comparison: baselines.Comparison | None) -> dict[str, str | float]:
-    """The zerotuning.* keys of the shipped output correction and the best free baseline."""
-    if comparison is None or comparison.verdict is None:
-        return {}
-    v = comparison.verdict
-    out: dict[str, str | float] = {
-        "shipped": comparison.shipped,
-        "best_free_baseline": v.best_free.key,
-        "best_free_accuracy": float(v.best_free.accuracy),
-        "shipped_accuracy": float(v.shipped.accuracy),
-    }
-    c = comparison.shipped_correction
-    if isinstance(c, baselines.LogitBias):
-        out["logit_bias"] = json.dumps(c.to_dict())
-        out["logit_bias_args"] = " ".join(c.cli_args())
-    elif isinstance(c, baselines.Correction):
-        out["choice_correction"] = json.dumps(c.to_dict())
-    return out
+# --- stage: decide (pure) -------------------------------------------------------------------------------
+
+
+def decide(
+    bias: np.ndarray,
+    heldout: HeldOut | None,
+    comparison: cmp.Comparison | None,
+    scoring_name: str,
+    force: bool,
+) -> Decision:
+    """Whether the tuned file is written: only when ZeroTuning, with the correction that ships with it, beats
+    the best free baseline on the held-out items (else, without a comparison, the untuned model); with force,
+    whenever the search moved off the baseline."""
+    improved: bool | None = None if heldout is None else bool(heldout.delta[scoring_name].delta > 0)
+    v = comparison.verdict if comparison is not None else None
+    warning = None
+    if v is not None:
+        improved = v.beats
+        if not v.beats:
+            warning = (
+                f"a free output-side correction does as well as ZeroTuning on the held-out items: "
+                f"{v.best_free.key.describe()} {100 * v.best_free.accuracy:.1f}% vs "
+                f"{v.shipped.key.describe()} {100 * v.shipped.accuracy:.1f}% "
+                f"({_fmt_delta(v.delta)}); use {use_instead(v.best_free)}"
+            )
+    if not np.any(bias):
+        reason = "the search kept the baseline (no candidate beat it on the calibration items)"
+    elif improved is False and not force:
+        reason = (
+            "the tuned model is not better than the baseline on the held-out items (use --force to write it)"
+            if v is None
+            else f"{v.best_free.key.describe()} is at least as good on the held-out items "
+            f"({100 * v.best_free.accuracy:.1f}% vs {100 * v.shipped.accuracy:.1f}%): use "
+            f"{use_instead(v.best_free)} (or --force to write the tuned file)"
+        )
+    else:
+        reason = None
+    return Decision(improved=improved, write=reason is None, reason=reason, warning=warning)
+
+
+def use_instead(row: cmp.Row) -> str:
+    """What to use instead of a tuned file, when a free baseline row wins."""
+    c = row.correction
+    if c is None:
+        return "the untuned model as it is"
+    if hasattr(c, "cli_args"):  # a LogitBias
+        return "the untuned model with " + " ".join(c.cli_args())
+    name = cmp.CORRECTION_NAMES[row.key.correction] if row.key.correction else ""
+    return f"the untuned model with the {name} offset on the choices"
 
 
 def _fmt_delta(d: dict[str, float]) -> str:
@@ -487,34 +410,74 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def provenance_of(
-    task: Task,
-    mode: str,
-    options: CalibrateOptions,
-    scoring: str,
-    objective: str,
-    result: SearchResult,
-    heldout: HeldOut | None,
-    n_calibration: int,
-) -> dict[str, str | int | float | bool]:
-    prov: dict[str, str | int | float | bool] = {
-        "version": __version__,
-        "mode": mode,
-        "search": result.method,
-        "objective": objective,
-        "scoring": scoring,
-        "task_file": task.path.name,
-        "task_sha256": task.sha256,
-        "n_calibration": n_calibration,
-        "n_heldout": heldout.n if heldout else 0,
-        "seed": options.seed,
-        "head_type": result.head_type,
-        "heads": ",".join(str(h) for h in result.heads),
-        "gamma": float(result.best_gamma),
-        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-    }
-    if heldout is not None:
-        key = f"accuracy_{scoring}"
-        prov["baseline_accuracy"] = float(heldout.baseline[key])
-        prov["tuned_accuracy"] = float(heldout.tuned[key])
-    return prov
+# --- what the user sees while it runs -------------------------------------------------------------------
+
+
+class _Notes:
+    """The run's lines for the user (log) and the warnings the result keeps."""
+
+    def __init__(self, log: Log | None) -> None:
+        self.log = log
+        self.warnings: list[str] = []
+
+    def say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    def warn(self, line: str) -> None:
+        self.warnings.append(line)
+        self.say(f"warning: {line}")
+
+
+class _SearchFeedback:
+    """The search's progress and events as progress bars (the current candidate as their note) and lines."""
+
+    def __init__(
+        self,
+        notes: _Notes,
+        progress: ProgressFactory | None,
+        options: CalibrateOptions,
+        scoring_name: str,
+        objective: str,
+    ) -> None:
+        self.notes, self.factory = notes, progress
+        self.method, self.distributed = options.search.method, options.distributed
+        self.scoring, self.objective = scoring_name, objective
+        self.stage: str | None = None
+        self.update: Callable[[int, str | None], None] | None = None
+        self.candidate: str | None = None
+        self.n_done = 0
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.factory is None:
+            return
+        if self.stage != stage or self.update is None:
+            self.stage, self.update = stage, self.factory(stage, total)
+        note = self.candidate if not self.distributed else f"{self.n_done} candidates done; {self.candidate}"
+        self.update(done, note)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "candidate":
+            self.candidate = data["description"]
+        elif name == "done":
+            self.n_done = data["n_done"]
+        elif name == "plan":
+            self.notes.say(
+                f"search {self.method}: up to {data['n_candidates']} candidates on {data['n_items']} "
+                f"calibration items ({data['n_chunks']} chunks of {data['chunk_size']}), "
+                f"objective {self.objective}"
+            )
+        elif name == "estimate":
+            workers = data.get("n_workers", 1)
+            self.notes.say(
+                f"first chunk scored in {data['chunk_s']:.1f} s: the search takes up to "
+                f"{_duration(data['estimate_s'])}"
+                + (f" on {workers} workers" if workers > 1 else "")
+                + " (less when early stopping drops candidates)"
+            )
+        elif name == "no_discrimination":
+            self.notes.warn(
+                f"the first {data['n_candidates']} candidates score exactly the same on the first "
+                f"{data['n_items']} items: {self.scoring} scoring with objective {self.objective} cannot "
+                "tell them apart on this model and task (try --scoring choice, or --objective logprob)"
+            )

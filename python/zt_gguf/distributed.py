@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
 from .tasks import Item
 
 __all__ = ["DistributedError", "RayPool", "WorkerSpec", "open_pool", "require_ray"]
@@ -40,10 +41,9 @@ START_TIMEOUT_S = 300.0  # how long a new worker may take to be placed and load 
 MAX_REPLACEMENTS_PER_WORKER = 3
 
 Log = Callable[[str], None]
-OnScores = Callable[[np.ndarray, Sequence[Item], list[Any]], None]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A distributed run that cannot go on (Ray missing, a worker that cannot load the model, ...)."""
 
 
@@ -139,8 +139,7 @@ class RayPool:
     joins that cluster, with n_workers workers (None: as many as its CPUs hold at n_threads each, at most one
     a GPU when it has GPUs). Each worker asks Ray for n_threads CPUs and, when the cluster has GPUs and
     gpu_layers is not 0, for a GPU (a share of one when there are more workers than GPUs); Ray then shows
-    the worker only its GPU(s). Without GPUs in Ray, gpu_layers applies as on one machine.
-    on_scores(bias, items, scores) sees every chunk scored (calibrate keeps them in its cache)."""
+    the worker only its GPU(s). Without GPUs in Ray, gpu_layers applies as on one machine."""
 
     def __init__(
         self,
@@ -148,14 +147,12 @@ class RayPool:
         n_workers: int | None,
         *,
         address: str | None = None,
-        on_scores: OnScores | None = None,
         log: Log | None = None,
         start_timeout: float = START_TIMEOUT_S,
     ) -> None:
         ray = require_ray(address)
         self.ray = ray
         self.spec = spec
-        self.on_scores = on_scores
         self.log = log
         self.start_timeout = start_timeout
         self.owns_cluster = False
@@ -288,8 +285,6 @@ class RayPool:
                     f"worker {r.worker} on node {self.nodes[r.worker]}: {str(cause).splitlines()[0]}"
                 ) from None
             self.idle.append(r.worker)
-            if self.on_scores is not None:
-                self.on_scores(r.bias, self.items[r.start : r.stop], scores)
             return r.job, scores, time.monotonic() - r.t0
 
     def close(self) -> None:
@@ -329,11 +324,10 @@ def open_pool(
     n_workers: int | None,
     *,
     address: str | None = None,
-    on_scores: OnScores | None = None,
     log: Log | None = None,
 ) -> Iterator[RayPool]:
     """A RayPool for the duration of a search; the actors (and a local cluster) are gone afterwards."""
-    pool = RayPool(spec, n_workers, address=address, on_scores=on_scores, log=log)
+    pool = RayPool(spec, n_workers, address=address, log=log)
     try:
         yield pool
     finally:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import tools
+from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_cpp import Llama
@@ -64,7 +65,7 @@ class LlamaCppCompatError(RuntimeError):
     """llama-cpp-python is missing or is not running on the patched libllama."""
 
 
-class AttnFtbError(ValueError):
+class AttnFtbError(UserError, ValueError):
     """llama_set_attn_ftb refused a bias; ``code`` is its return value (-1 length, -2 non-finite)."""
 
     def __init__(self, code: int, message: str):

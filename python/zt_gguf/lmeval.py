@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Context, EngineError, Model, fit_n_ctx
+from .errors import UserError
 from .tasks import Item
 
 MODEL_NAME = "zt-gguf"
@@ -58,7 +59,7 @@ def task_yaml(name: str, data: str | Path) -> str:
     return TASK_YAML.format(name=name, data=Path(data).resolve())
 
 
-class LMEvalError(RuntimeError):
+class LMEvalError(UserError, RuntimeError):
     """lm-eval is missing, or the arguments for it are wrong (one line)."""
 
 

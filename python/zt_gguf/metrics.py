@@ -1,4 +1,4 @@
-"""Per-item results, summaries, calibration objectives and held-out statistics (pure functions).
+"""Per-item results, summaries and calibration objectives (pure functions; intervals are in stats.py).
 
 The inputs are the engine's per-item scores (anything with the fields of ``engine.Scores``: choice_logprob,
 choice_n_tokens, gen_text, entropy_full, entropy_choices) and the items (``tasks.Item``); nothing here imports
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from .corrections import batch_calibration
 from .tasks import Item
 
 if TYPE_CHECKING:
@@ -37,10 +38,8 @@ __all__ = [
     "get_objective",
     "item_results",
     "mutual_information",
-    "paired_bootstrap_delta",
     "parse_generation",
     "summarize",
-    "wilson_interval",
 ]
 
 
@@ -255,8 +254,6 @@ def _batch_calibrated(results: Sequence[ItemResult]) -> np.ndarray | None:
     """The choice log-probabilities after Batch Calibration on these results' own batch, [N, K].
 
     None when the items have different numbers of choices (no common label prior)."""
-    from .baselines import batch_calibration
-
     if not results or len({len(r.choice_probs) for r in results}) != 1:
         return None
     with np.errstate(divide="ignore"):
@@ -351,50 +348,3 @@ def get_objective(name: str) -> Objective:
         return OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}") from None
-
-
-# --- held-out statistics ------------------------------------------------------------------------------------
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion k/n ((0, 1) when n == 0)."""
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def paired_bootstrap_delta(
-    a_correct: Sequence[float] | np.ndarray,
-    b_correct: Sequence[float] | np.ndarray,
-    seed: int,
-    n_boot: int = 2000,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """(delta, lo, hi): delta = mean(b) - mean(a) over paired items, with a percentile bootstrap interval.
-
-    a and b are per-item values on the same items in the same order (0/1 correctness, or any per-item
-    score); the items are resampled with replacement, keeping the pairs together.
-    """
-    a = np.asarray(a_correct, dtype=np.float64)
-    b = np.asarray(b_correct, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"a and b must be 1-D of the same length, got {a.shape} and {b.shape}")
-    if len(a) == 0:
-        raise ValueError("no items")
-    if n_boot < 1 or not 0.0 < level < 1.0:
-        raise ValueError("need n_boot >= 1 and 0 < level < 1")
-    d = b - a
-    delta = float(d.mean())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    boots = d[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
-    return delta, float(lo), float(hi)

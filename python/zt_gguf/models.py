@@ -19,8 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 
-class ModelNotAvailable(RuntimeError):
+
+class ModelNotAvailable(UserError, RuntimeError):
     pass
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 __all__ = [
     "MAX_LINE_BYTES",
     "Item",
@@ -68,7 +70,7 @@ class Task:
     content_free: dict[str, str] | None = None
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task file problem; str() is one line naming the file (and the line)."""
 
 

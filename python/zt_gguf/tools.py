@@ -11,10 +11,12 @@ import importlib.util
 import os
 from pathlib import Path
 
+from .errors import UserError
+
 TOOLS = ("llama-cli", "llama-completion", "llama-server", "llama-perplexity", "llama-bench")
 
 
-class ToolError(RuntimeError):
+class ToolError(UserError, RuntimeError):
     pass
 
 
