@@ -14,7 +14,7 @@ split into calibration and held-out items (tasks.split_items); then, choice scor
   (each candidate judged after Batch Calibration on its own calibration batch);
 * unsupervised: ``mutual-information`` and ``bc-mutual-information``;
 
-and for each pick the held-out comparison of ``zt_gguf.baselines.run_comparison`` (what calibrate reports):
+and for each pick the held-out comparison of ``zt_gguf.comparison.run_comparison`` (what calibrate reports):
 untuned, Batch Calibration (held-out batch, calibration inputs), Contextual Calibration (tasks with a
 template), the per-label offset (supervised), and each of them on top of the tuned model. All four searches
 share one scorer cache (a candidate scored under two objectives is scored once: the probes, for instance).
@@ -63,9 +63,9 @@ PAIRS = {
 
 def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out: Path) -> None:
     from zt_gguf import models
-    from zt_gguf.baselines import run_comparison
-    from zt_gguf.calibrate import MemoScorer, content_free_items
+    from zt_gguf.comparison import run_comparison
     from zt_gguf.engine import Context, Model, fit_n_ctx
+    from zt_gguf.scoring import MemoScorer, content_free_items
     from zt_gguf.search import SearchConfig, search
     from zt_gguf.tasks import load_task, split_items
 
@@ -104,8 +104,10 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
             "chosen": {"type": res.head_type, "heads": res.heads, "gamma": res.best_gamma},
             "candidates": res.n_evaluations,
             "seconds": time.monotonic() - t0,
-            "rows": {r.key: {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows},
-            "choice_rows": {r.key: r.accuracy for r in cmp.choice_rows},
+            "rows": {
+                str(r.key): {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows
+            },
+            "choice_rows": {str(r.key): r.accuracy for r in cmp.choice_rows},
             "invalid": {
                 k: float(np.mean([x is None for x in v]))
                 for k, v in (
@@ -115,9 +117,11 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
             }
             if args.generate
             else None,
-            "logit_bias": {r.key: r.correction.to_dict() for r in cmp.rows if r.key.endswith("logit-bias")},
-            "correct": {r.key: r.correct.astype(int).tolist() for r in cmp.rows},
-            "shipped": cmp.shipped,
+            "logit_bias": {
+                str(r.key): r.correction.to_dict() for r in cmp.rows if r.key.correction == "logit-bias"
+            },
+            "correct": {str(r.key): r.correct.astype(int).tolist() for r in cmp.rows},
+            "shipped": str(cmp.shipped),
             "verdict": cmp.verdict.to_dict() if cmp.verdict else None,
             "notes": cmp.notes,
             "date": utc_now(),
