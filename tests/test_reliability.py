@@ -817,6 +817,7 @@ def test_kill_9_during_calibrate_then_resume(tmp_path: Path) -> None:
     args: list[str | Path] = ["calibrate", model.path, "--task", task, "-o", out, *CAL_ARGS]
     rng = random.Random(11)
     report_files = {"checkpoint.json", "report.json", "report.md", "heatmap.png", "heatmap.txt"}
+    report_files |= {"accuracy.png", "report.html"}  # report.write_report
     phases = []
     for i in range(6):
         rc = _kill_after(args, rng.uniform(0.15, 0.6) * t_ref)
