@@ -27,7 +27,8 @@ from .errors import UserError
 from .gguf_meta import ModelInfo, read_model_info
 from .options import CalibrateOptions
 from .outputs import Outputs, prepare, write_outputs
-from .results import Calibration, Decision, Delta, HeldOut, Plan, Workers
+from .report import Workers
+from .results import Calibration, Decision, Delta, HeldOut, Plan
 from .search import SearchResult, search
 from .tasks import Item, Task, split_items
 
@@ -274,7 +275,11 @@ def run_search(
         if pool is not None:
             nodes = sorted(set(pool.nodes))
             workers = Workers(
-                pool.n_workers, options.n_threads, nodes, pool.replacements, options.ray_address
+                n=pool.n_workers,
+                threads=options.n_threads,
+                nodes=nodes,
+                replaced=pool.replacements,
+                address=options.ray_address,
             )
     return result, workers
 

@@ -135,65 +135,59 @@ def build_report(
     """The report of a calibration (report.json's content)."""
     r = cal.result
     n_layer, n_head = (int(x) for x in r.bias.shape)
-    rep = report.Report(
+    held = cal.heldout
+    return report.Report(
         command=list(outputs.command),
-        model={
-            "path": str(model_path),
-            "n_layer": n_layer,
-            "n_head": n_head,
-            "gpu_layers": cal.gpu_layers,
-            "attention": cal.attention,
-        },
-        task={
-            "path": str(task.path),
-            "sha256": task.sha256,
-            "n_items": len(task.items),
-            "n_calibration": cal.n_calibration,
-            "n_heldout": cal.heldout.n if cal.heldout else 0,
-            "seed": options.seed,
-            "holdout": options.holdout,
-        },
+        model=report.ModelSection(
+            path=str(model_path),
+            n_layer=n_layer,
+            n_head=n_head,
+            gpu_layers=cal.gpu_layers,
+            attention=cal.attention,
+        ),
+        task=report.TaskSection(
+            path=str(task.path),
+            sha256=task.sha256,
+            n_items=len(task.items),
+            n_calibration=cal.n_calibration,
+            n_heldout=held.n if held else 0,
+            seed=options.seed,
+            holdout=options.holdout,
+        ),
         mode=cal.mode,
-        search={
-            "method": r.method,
-            "objective": cal.objective,
-            "settings": r.config,
-            "workers": None if cal.workers is None else report.to_jsonable(cal.workers),
+        search=report.SearchSection(
+            method=r.method,
+            objective=cal.objective,
+            settings=r.config,
+            workers=cal.workers,
+        ),
+        scoring=report.ScoringSection(
+            primary=cal.scoring, reason=cal.scoring_reason, asked=options.scoring, n_gen=options.n_gen
+        ),
+        baseline=None if held is None else report.HeldoutMetrics.from_summary(held.baseline),
+        tuned=None if held is None else report.HeldoutMetrics.from_summary(held.tuned),
+        delta={}
+        if held is None
+        else {
+            f"accuracy_{k}": report.Delta(delta=v.delta, interval=(v.lo, v.hi)) for k, v in held.delta.items()
         },
-        scoring={
-            "primary": cal.scoring,
-            "reason": cal.scoring_reason,
-            "asked": options.scoring,
-            "n_gen": options.n_gen,
-        },
-        chosen={
-            "type": r.head_type if np.any(r.bias) else "none",
-            "heads": r.heads,
-            "gamma": r.best_gamma,
-            "layers": [options.search.layer_start, options.search.layer_end or n_layer],
-        },
-        evaluations={
-            "candidates": r.n_evaluations,
-            "items_scored": r.items_scored,
-            "items_saved": r.items_full - r.items_scored,
-            "savings": r.savings,
-        },
+        chosen=report.ChosenSection(
+            type=r.head_type if np.any(r.bias) else "none",
+            heads=r.heads,
+            gamma=r.best_gamma,
+            layers=(options.search.layer_start, options.search.layer_end or n_layer),
+            table=None if r.method == "paper" else np.exp(r.bias).round(4).tolist(),
+        ),
+        evaluations=report.EvaluationsSection(
+            candidates=r.n_evaluations,
+            items_scored=r.items_scored,
+            items_saved=r.items_full - r.items_scored,
+            savings=r.savings,
+        ),
         timings={**cal.timings, "total": cal.timings["total_s"]},
         warnings=list(cal.warnings),
-        written={
-            "path": str(cal.written.tuned) if cal.written.tuned else None,
-            "reason": cal.not_written_reason,
-        },
+        written=report.WrittenSection(
+            path=str(cal.written.tuned) if cal.written.tuned else None, reason=cal.not_written_reason
+        ),
+        baselines={} if cal.comparison is None else cal.comparison.to_dict(),
     )
-    if cal.comparison is not None:
-        rep.baselines = cal.comparison.to_dict()
-    if cal.heldout is not None:
-        rep.baseline = report.heldout_metrics(cal.heldout.baseline)
-        rep.tuned = report.heldout_metrics(cal.heldout.tuned)
-        rep.delta = {
-            f"accuracy_{k}": {"delta": v.delta, "interval": [v.lo, v.hi]}
-            for k, v in cal.heldout.delta.items()
-        }
-    if r.method != "paper":
-        rep.chosen["table"] = np.exp(r.bias).round(4).tolist()
-    return rep

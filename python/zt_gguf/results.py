@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from .comparison import Comparison
 from .corrections import Correction, LogitBias
 from .metrics import Summary
+from .report import Workers  # the report records the workers as they are
 from .search import SearchResult
 from .tasks import Item
 
@@ -63,17 +64,6 @@ class Written:
     tuned: Path | None = None
     profile: Path | None = None
     report_files: dict[str, Path] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Workers:
-    """The Ray workers of a distributed search."""
-
-    n: int
-    threads: int
-    nodes: list[str]
-    replaced: int
-    address: str | None
 
 
 @dataclass(frozen=True)
