@@ -13,6 +13,7 @@ of the sign of m_i when |m_i| is large enough, and is invalid otherwise.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -645,3 +646,132 @@ def test_pool_checkpoint_resumes_in_either_mode(tmp_path: Path) -> None:
         None, model.items, model.shape, config, checkpoint=ckpt, scorer_id="f", pool=ShuffledPool(model, 4)
     )
     assert _same(resumed, straight) and resumed.run.evaluations_from_checkpoint == n_saved
+
+
+# --- the rules, recomputed from what the search reports -----------------------------------------------------
+
+
+def _reference_head_type(gains_up: Sequence[float], gains_down: Sequence[float]) -> str:
+    up = float(np.sum(np.clip(gains_up, 0.0, None)))
+    down = float(np.sum(np.clip(gains_down, 0.0, None)))
+    return "up" if up >= down else "down"
+
+
+def _reference_heads(gains: Sequence[float], head_fraction: float) -> list[int]:
+    g = np.asarray(gains, dtype=np.float64)
+    k = math.ceil(head_fraction * len(g))
+    by_gain = list(np.lexsort((np.arange(len(g)), -g)))  # largest gain first, then the lower index
+    positive = [int(h) for h in by_gain if g[h] > 0]
+    if len(positive) >= k:
+        return sorted(int(h) for h in by_gain[:k])
+    return sorted(positive) if positive else [int(by_gain[0])]
+
+
+@pytest.mark.parametrize(
+    ("kw", "objective", "head_fraction"),
+    [
+        ({}, "accuracy-choice", 0.4),
+        ({"up": (0, 1, 3, 4, 6), "down": ()}, "logprob", 0.4),
+        ({"up": (7,), "down": (0, 3, 5), "a_up": 0.3, "a_down": 1.0}, "logprob", 0.25),
+        ({"up": (), "down": (), "noise": 0.0}, "logprob", 0.5),
+        ({"up": (2, 5), "down": (1, 6), "a_up": 0.6, "a_down": 0.6, "seed": 3}, "neg-entropy-full", 1.0),
+    ],
+)
+def test_selected_heads_follow_the_documented_rule(kw: dict, objective: str, head_fraction: float) -> None:
+    """The type and the heads S recomputed from the reported probe gains by the module docstring's rule."""
+    model = FakeModel(n_items=96, **kw)
+    config = SearchConfig(objective=objective, head_fraction=head_fraction, chunk_size=16)
+    r = search(model, model.items, model.shape, config)
+    assert r.head_type == _reference_head_type(r.gains_up, r.gains_down)
+    gains = r.gains_up if r.head_type == "up" else r.gains_down
+    assert r.heads == _reference_heads(gains, head_fraction)
+    grid = config.grid_up if r.head_type == "up" else config.grid_down
+    assert r.best_gamma == 1.0 or r.best_gamma in grid
+
+
+def _racing_bound(d: np.ndarray) -> float:
+    m = len(d)
+    mean = float(np.sum(d)) / m
+    sd = math.sqrt(float(np.sum((d - mean) ** 2)) / (m - 1))
+    return mean + 2.58 * sd / math.sqrt(m)
+
+
+@pytest.mark.parametrize("objective", ["accuracy-choice", "logprob"])
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_probes_stop_where_the_racing_bound_first_falls_below_zero(
+    tmp_path: Path, objective: str, n_workers: int
+) -> None:
+    """Each probe's per-item values (from the checkpoint) against the baseline's: a probe is stopped at the
+    first chunk boundary (from the second on, before the last) where the bound is negative, and only there."""
+    model = FakeModel(n_items=150)
+    chunk = 16
+    ckpt = tmp_path / "race.json"
+    pool = ShuffledPool(model, n_workers) if n_workers > 1 else None
+    search(
+        None if pool else model,
+        model.items,
+        model.shape,
+        SearchConfig(objective=objective, chunk_size=chunk),
+        checkpoint=ckpt,
+        scorer_id="f",
+        pool=pool,
+    )
+    records = {e.description: e for e in SearchState.load(ckpt, "f").evaluations.values()}
+    base = records["baseline"]
+    assert base.values is not None and len(base.values) == len(model.items)
+    n_stopped = 0
+    for desc, rec in records.items():
+        if not desc.startswith("probe "):
+            continue
+        assert rec.values is not None
+        d = np.asarray(rec.values) - np.asarray(base.values[: rec.n_items_evaluated])
+        ends = [k * chunk for k in range(2, len(model.items)) if k * chunk < len(model.items)]
+        ends = [m for m in ends if m <= rec.n_items_evaluated]
+        bounds = [_racing_bound(d[:m]) for m in ends]
+        if rec.stopped_early:
+            n_stopped += 1
+            assert rec.n_items_evaluated == ends[-1] and bounds[-1] < -1e-9
+            assert all(b > -1e-9 for b in bounds[:-1])
+        else:
+            assert rec.n_items_evaluated == len(model.items)
+            assert all(b > -1e-9 for b in bounds)
+    assert n_stopped >= 3  # the down probes of the planted up heads, at least
+
+
+def test_search_leaves_the_config_as_given() -> None:
+    model = FakeModel(n_items=40)
+    config = SearchConfig(objective="logprob", grid_up=[2, 3], grid_down=[0.5], chunk_size=20)
+    given = copy.deepcopy(config)
+    r = search(model, model.items, model.shape, config)
+    assert config == given and isinstance(config.grid_up, list) and config.grid_up[0] is given.grid_up[0]
+    assert r.config["grid_up"] == [2.0, 3.0] and all(type(g) is float for g in r.config["grid_up"])
+    assert r.config["grid_down"] == [0.5]
+
+
+def test_event_names_and_payload_keys() -> None:
+    """The events calibrate and the distributed runner consume: these names with exactly these keys."""
+    expected = {
+        "plan": {"n_candidates", "n_items", "chunk_size", "n_chunks"},
+        "estimate": {"chunk_s", "estimate_s", "n_candidates", "n_workers"},
+        "candidate": {"description", "index"},
+        "done": {"description", "n_done"},
+        "no_discrimination": {"n_candidates", "n_items"},
+    }
+    model = FakeModel(n_items=40)
+
+    def mute(bias: np.ndarray, items: Sequence[Item]) -> list[FakeScores]:
+        out = model(bias, items)
+        for s in out:
+            s.gen_text = " and then"
+        return out
+
+    events: list[tuple[str, dict]] = []
+    config = SearchConfig(method="bands", objective="accuracy-generate", chunk_size=10, budget=3)
+    search(mute, model.items, model.shape, config, events=lambda n, d: events.append((n, d)))
+    assert {n for n, _ in events} == set(expected)
+    for name, data in events:
+        assert set(data) == expected[name], name
+    indices = [d["index"] for n, d in events if n == "candidate"]
+    assert indices == list(range(1, len(indices) + 1))
+    dones = [d["n_done"] for n, d in events if n == "done"]
+    assert dones == list(range(1, len(dones) + 1)) and len(dones) == len(indices)
