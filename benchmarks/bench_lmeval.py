@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load  # noqa: E402
 from _common import machine, utc_now, write_record  # noqa: E402
+from zt_gguf import testing  # noqa: E402
 from zt_gguf.lmeval import task_yaml  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl"
@@ -84,10 +84,10 @@ def results(out: Path, name: str) -> tuple[float, dict[int, list[float]]]:
     return acc, lls
 
 
-def start_llama_cpp_python(model: Path, threads: int, log_dir: Path) -> bench_load.Server:
+def start_llama_cpp_python(model: Path, threads: int, log_dir: Path) -> testing.Server:
     from zt_gguf.tools import llama_cpp_env
 
-    port = bench_load.free_port()
+    port = testing.free_port()
     log = log_dir / f"llama-cpp-python-{port}.log"
     args = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
@@ -100,8 +100,8 @@ def start_llama_cpp_python(model: Path, threads: int, log_dir: Path) -> bench_lo
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if bench_load.http(url + "/v1/models", timeout=2)[0] == 200:
-                return bench_load.Server(url, proc, log)
+            if testing.http(url + "/v1/models", timeout=2)[0] == 200:
+                return testing.Server(url, proc, log)
         except OSError:
             pass
         time.sleep(0.5)
@@ -131,14 +131,12 @@ def bench_task(model: Path, task: str, n: int, threads: int, folder: Path, lcp: 
     t = run_lm_eval(engine, name, folder, folder / "out-engine")
     routes["zt-gguf lm-eval (engine)"] = {"wall_s": t, "out": folder / "out-engine"}
 
-    srv = bench_load.start_server(
-        model, "--no-warmup", "-fa", "auto", threads=threads, slots=1, log_dir=folder
-    )
+    srv = testing.start_server(model, "--no-warmup", "-fa", "auto", threads=threads, slots=1, log_dir=folder)
     try:
         t = run_lm_eval([*lm_eval, "--model", "gguf", "--model_args", f"base_url={srv.url}"], name, folder,
                         folder / "out-server")  # fmt: skip
     finally:
-        bench_load.stop_server(srv)
+        testing.stop_server(srv)
     routes["lm_eval --model gguf, our llama-server"] = {"wall_s": t, "out": folder / "out-server"}
 
     if lcp:
@@ -147,7 +145,7 @@ def bench_task(model: Path, task: str, n: int, threads: int, folder: Path, lcp: 
             gguf = [*lm_eval, "--model", "gguf", "--model_args", f"base_url={srv.url}"]
             t = run_lm_eval(gguf, name, folder, folder / "out-lcp")
         finally:
-            bench_load.stop_server(srv)
+            testing.stop_server(srv)
         routes["lm_eval --model gguf, llama-cpp-python's server"] = {"wall_s": t, "out": folder / "out-lcp"}
 
     base_acc, base_ll = results(routes["zt-gguf lm-eval (engine)"]["out"], name)

@@ -20,33 +20,26 @@ can mean equal tokens) is served by llama-server -np 4 twice: with its bias (on)
 
 On and off alternate --rounds times (on, off, on, off, ...) so that machine noise hits both alike; the
 ratio is median(requests/s on) / median(requests/s off) (target >= 0.97). Results: OUT/load.json and
-OUT/load.md with the command, machine and date. tests/test_reliability.py runs the same code with 40
-requests on a tiny model.
+OUT/load.md with the command, machine and date. The server helpers and the load client are
+zt_gguf.testing's; tests/test_reliability.py runs the same code with 40 requests on a tiny model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from _common import machine, utc_now
+from zt_gguf.testing import SERVER_TIE as TIE
+from zt_gguf.testing import make_prompts, run_load, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,234 +47,6 @@ REPO = Path(__file__).resolve().parents[1]
 # F16 (an input that differs in the last float32 bit may round to another F16): measured up to 3.7e-3 on
 # SmolLM2-135M F32, bias on or off alike; tests/test_reliability.py uses 2e-4 on its tiny model
 ATOL = 1e-2
-TIE = 1e-3  # a greedy choice between two tokens closer than this may flip under another batch shape
-WORDS = "the a of and to in is it that was for on hello world cat dog sat mat one two three".split()
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-@dataclass
-class Response:
-    ok: bool
-    status: int
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # of the chosen tokens
-    gaps: list[float] = field(default_factory=list)  # top-1 minus top-2 log-probability per step
-    text: str = ""
-    error: str = ""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, None
-
-
-def start_server(
-    model: Path,
-    *extra: str,
-    threads: int = 2,
-    slots: int = 4,
-    ctx: int = 2048,
-    log_dir: Path,
-    startup_timeout: float = 180.0,
-) -> Server:
-    """llama-server of our tree on a free loopback port, healthy (or RuntimeError with its log)."""
-    from zt_gguf.tools import tool_path
-
-    for _ in range(3):  # a port taken between free_port() and the bind: try another
-        port = free_port()
-        log = log_dir / f"server-{port}.log"
-        args = [
-            str(tool_path("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads), "-fa", "off",
-            "--no-webui", *extra,
-        ]  # fmt: skip
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if http(url + "/health", timeout=2)[0] == 200:
-                    return Server(url, proc, log)
-            except OSError:
-                pass
-            time.sleep(0.1)
-        if proc.poll() is None:
-            stop_server(Server(url, proc, log))
-            break
-    raise RuntimeError(f"llama-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop_server(server: Server) -> int:
-    """SIGTERM (then SIGKILL after 20 s); the exit code."""
-    proc = server.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-    return int(proc.returncode)
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process (VmRSS of /proc/PID/status), KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def complete(server: Server, prompt: str, n_predict: int, timeout: float = 300.0) -> Response:
-    """A greedy completion (llama-server's /completion): the generated token ids, and the log-probability and
-    top-2 gap of each when the server gives them (it leaves them out for a token that ends inside a UTF-8
-    character)."""
-    body = {
-        "prompt": prompt,
-        "n_predict": n_predict,
-        "temperature": 0,
-        "n_probs": 2,
-        "return_tokens": True,
-        "seed": 1,
-        "ignore_eos": True,
-    }
-    try:
-        status, res = http(server.url + "/completion", body, timeout=timeout)
-    except OSError as e:
-        return Response(False, 0, error=f"{type(e).__name__}: {e}")
-    if status != 200 or not isinstance(res, dict):
-        return Response(False, status, error=f"HTTP {status}")
-    try:
-        tokens = [int(t) for t in res["tokens"]]
-        steps = res.get("completion_probabilities") or []
-        logprobs: list[float] = []
-        gaps: list[float] = []
-        if len(steps) == len(tokens) and all(int(s["id"]) == t for s, t in zip(steps, tokens)):
-            for s in steps:
-                logprobs.append(float(s["logprob"]))
-                top = sorted((float(t["logprob"]) for t in s["top_logprobs"]), reverse=True)
-                gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
-        return Response(True, status, tokens, logprobs, gaps, str(res.get("content", "")))
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-        return Response(False, status, error=f"unexpected response ({type(e).__name__}: {e})")
-
-
-def compare(got: Response, ref: Response, atol: float = ATOL) -> tuple[str, float]:
-    """("equal", "tie" (a divergence at a near-tie of the reference) or what differs; the largest
-    log-probability difference over the tokens both have)."""
-    if not got.ok:
-        return f"error: {got.error}", 0.0
-    probs = len(got.logprobs) == len(got.tokens) and len(ref.logprobs) == len(ref.tokens)
-    worst = 0.0
-    for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)):
-        if a != b:
-            gap = ref.gaps[k] if k < len(ref.gaps) else float("inf")
-            return ("tie" if gap < TIE else f"token {k}: {a} != {b} (gap {gap:.4f})"), worst
-        if probs:
-            worst = max(worst, abs(got.logprobs[k] - ref.logprobs[k]))
-            if worst > atol:
-                return f"log-probability {k}: {got.logprobs[k]} vs {ref.logprobs[k]}", worst
-    if len(got.tokens) != len(ref.tokens):
-        return f"{len(got.tokens)} tokens, alone {len(ref.tokens)}", worst
-    return "equal", worst
-
-
-def make_prompts(n: int, seed: int = 0) -> list[str]:
-    """n distinct prompts of 3-14 words (a third share a prefix, so that slots reuse cached prefixes)."""
-    rng = np.random.default_rng(seed)
-    out: list[str] = []
-    while len(out) < n:
-        p = ("the cat sat " if len(out) % 3 == 0 else "") + " ".join(
-            rng.choice(WORDS, int(rng.integers(3, 12)))
-        )
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def run_load(
-    server: Server,
-    prompts: Sequence[str],
-    n_requests: int,
-    concurrency: int,
-    n_predict: int,
-    atol: float = ATOL,
-) -> dict[str, Any]:
-    """The single-sequence results, then n_requests concurrent ones (prompts round-robin); the figures."""
-    complete(server, prompts[0], n_predict)  # warm-up
-    alone = {p: complete(server, p, n_predict) for p in prompts}
-    bad_alone = [p for p, r in alone.items() if not r.ok]
-    if bad_alone:
-        raise RuntimeError(f"{len(bad_alone)} requests failed alone: {alone[bad_alone[0]].error}")
-    # a first concurrent burst, so that the slots' buffers exist before RSS is sampled
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        warm = list(pool.map(lambda p: complete(server, p, n_predict), list(prompts)[: 2 * concurrency]))
-    if not all(r.ok for r in warm):
-        raise RuntimeError(f"the warm-up burst failed: {next(r.error for r in warm if not r.ok)}")
-    pid = server.proc.pid
-    rss_before = rss_kib(pid)
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            try:
-                peak[0] = max(peak[0], rss_kib(pid))
-            except (OSError, RuntimeError):
-                return
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    order = [prompts[i % len(prompts)] for i in range(n_requests)]
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda p: complete(server, p, n_predict), order))
-    seconds = time.monotonic() - t0
-    stop.set()
-    sampler.join()
-    rss_after = rss_kib(pid)
-    compared = [compare(r, alone[p], atol) for p, r in zip(order, results)]
-    verdicts = [v for v, _ in compared]
-    errors = [r.error for r in results if not r.ok]
-    mismatches = [v for v in verdicts if v not in ("equal", "tie") and not v.startswith("error")]
-    return {
-        "requests": n_requests,
-        "distinct_prompts": len(prompts),
-        "concurrency": concurrency,
-        "n_predict": n_predict,
-        "seconds": seconds,
-        "requests_per_s": n_requests / seconds,
-        "errors": len(errors),
-        "first_errors": errors[:3],
-        "equal": verdicts.count("equal"),
-        "ties": verdicts.count("tie"),
-        "mismatches": len(mismatches),
-        "max_logprob_diff": max(d for _, d in compared),
-        "atol": atol,
-        "first_mismatches": mismatches[:3],
-        "rss_kib_before": rss_before,
-        "rss_kib_after": rss_after,
-        "rss_kib_peak": peak[0],
-        "alone": {p: {"tokens": r.tokens, "logprobs": r.logprobs} for p, r in alone.items()},
-    }
 
 
 def tuned_copy(model: Path, dst: Path) -> Path:
@@ -334,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra = () if variant == "on" else ("--no-attn-ftb",)
                 server = start_server(model, *extra, threads=args.threads, log_dir=tmp)
                 try:
-                    res = run_load(server, prompts, args.requests, args.concurrency, args.n_predict)
+                    res = run_load(
+                        server, prompts, args.requests, args.concurrency, args.n_predict, atol=ATOL
+                    )
                 finally:
                     res_code = stop_server(server)
                 res["exit_code"] = res_code

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load  # noqa: E402
 from _common import machine, utc_now, write_record  # noqa: E402
+from zt_gguf import testing  # noqa: E402
 
 
 def run(
-    server: bench_load.Server, jobs: list[tuple[str, str]], n_predict: int, concurrency: int
+    server: testing.Server, jobs: list[tuple[str, str]], n_predict: int, concurrency: int
 ) -> tuple[float, int]:
     def one(job: tuple[str, str]) -> bool:
         profile, prompt = job
@@ -47,7 +47,7 @@ def run(
             "ignore_eos": True,
             "attn_ftb": profile,
         }
-        status, _ = bench_load.http(server.url + "/completion", body, timeout=300)
+        status, _ = testing.http(server.url + "/completion", body, timeout=300)
         return status == 200
 
     t0 = time.perf_counter()
@@ -72,7 +72,7 @@ def main() -> int:
     model = args.model or models.smollm2_135m()
     info = gguf_meta.read_model_info(model)
     rng = np.random.default_rng(0)
-    prompts = bench_load.make_prompts(50)
+    prompts = testing.make_prompts(50)
     names = ["p1", "p2", "p3", "p4"]
     single = [("p1", prompts[i % len(prompts)]) for i in range(args.requests)]
     mixed = [(names[int(rng.integers(4))], prompts[i % len(prompts)]) for i in range(args.requests)]
@@ -97,11 +97,11 @@ def main() -> int:
                 "--attn-ftb-profile",
                 f"{n}={gguf_meta.write_bias_gguf(tmp / f'{n}.gguf', bias, info.arch)}",
             ]
-        servers: dict[str, bench_load.Server] = {}
+        servers: dict[str, testing.Server] = {}
         try:
             for kernel, flag in kernels.items():  # both up at once, idle while the other one serves
                 os.environ["LLAMA_ATTN_FTB_PER_SEQ"] = flag
-                servers[kernel] = bench_load.start_server(
+                servers[kernel] = testing.start_server(
                     model, "--no-warmup", *extra, threads=args.threads, slots=4, log_dir=tmp
                 )
             os.environ.pop("LLAMA_ATTN_FTB_PER_SEQ")
@@ -118,7 +118,7 @@ def main() -> int:
                         print(f"round {r} {kernel} {label}: {rps:.2f} req/s, {errors} errors", flush=True)
         finally:
             for server in servers.values():
-                bench_load.stop_server(server)
+                testing.stop_server(server)
     med = {
         (k, m): statistics.median(
             x["req_per_s"] for x in doc["rounds"] if x["mode"] == m and x["kernel"] == k

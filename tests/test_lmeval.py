@@ -26,14 +26,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from zt_gguf import testing
 from zt_gguf.engine import Context, Model
 from zt_gguf.lmeval import task_yaml
 from zt_gguf.tasks import Item
-from zt_gguf.testing import TinyModel, log_softmax, make_tiny_gemma3, make_tiny_llama, write_tiny_task
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_load  # noqa: E402
-from bench_load import Server  # noqa: E402
+from zt_gguf.testing import Server, TinyModel, log_softmax, make_tiny_gemma3, make_tiny_llama, write_tiny_task
 
 # server vs engine, no flash attention in either: float32 rounding under other batch shapes (test_tools.py)
 ATOL = 2e-4
@@ -225,7 +222,7 @@ def test_concurrent_echo_requests_on_four_slots(
     for prompt, choice in zip(prompts, choices, strict=True):
         tokens = ref.model.tokenize(prompt)
         _check_echo(choice, tokens, ref.rows(tokens), prompt, n_gen=len(prompt) % 2)
-    assert bench_load.http(server.url + "/health")[0] == 200
+    assert testing.http(server.url + "/health")[0] == 200
 
 
 def test_last_token_in_an_incomplete_utf8_sequence_keeps_its_logprobs(
@@ -248,7 +245,7 @@ def test_tokenizer_endpoints_for_lm_eval(
     tm = models["llama"]
     server = start_server(tm.path)
     model = Model(tm.path)
-    status, info = bench_load.http(server.url + "/tokenizer_info")
+    status, info = testing.http(server.url + "/tokenizer_info")
     assert status == 200
     assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>"
     # lm-eval's remote tokenizer: {"prompt", "add_special_tokens"} -> {"tokens"}; {"tokens"} -> {"prompt"}
@@ -286,7 +283,7 @@ def test_bad_requests_get_400_and_the_server_lives_on(
         status, res = _post(server, path, body)
         assert status == 400, f"{path} {body!r}: status {status} {res}"
         assert word in res["error"]["message"].lower(), res
-    assert bench_load.http(server.url + "/health")[0] == 200
+    assert testing.http(server.url + "/health")[0] == 200
     # and a good request still works
     tokens = Model(tm.path).tokenize("a b")
     assert len(_echo(server, "a b", max_tokens=0)["logprobs"]["tokens"]) == len(tokens)

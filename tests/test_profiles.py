@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zt_gguf import gguf_meta, profiles
+from zt_gguf import gguf_meta, profiles, testing
 from zt_gguf.engine import Context, Model
 from zt_gguf.tasks import Item
 from zt_gguf.testing import log_softmax, make_tiny_gemma3, make_tiny_llama, write_tiny_task
@@ -214,9 +214,6 @@ def test_llama_cpp_python_switches_profiles(files: dict[str, Path]) -> None:
 
 # --- llama-server: per-request profiles (patch 0010) -----------------------------------------------------
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_load  # noqa: E402
-
 ATOL = 2e-4  # server vs engine, no flash attention in either (tests/test_tools.py)
 
 
@@ -243,7 +240,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"dir": d, "model": tuned, "stored": stored, "biases": biases, "files": files}
 
 
-def _error(server: bench_load.Server, body: dict) -> tuple[int, str]:
+def _error(server: testing.Server, body: dict) -> tuple[int, str]:
     import urllib.error
     import urllib.request
 
@@ -259,9 +256,9 @@ def _error(server: bench_load.Server, body: dict) -> tuple[int, str]:
         return e.code, json.loads(e.read())["error"]["message"]
 
 
-def _start(served: dict, tmp: Path, *extra: str) -> bench_load.Server:
+def _start(served: dict, tmp: Path, *extra: str) -> testing.Server:
     args = [a for n, f in served["files"].items() for a in ("--attn-ftb-profile", f"{n}={f}")]
-    return bench_load.start_server(served["model"], "--no-warmup", *args, *extra, threads=1, log_dir=tmp)
+    return testing.start_server(served["model"], "--no-warmup", *args, *extra, threads=1, log_dir=tmp)
 
 
 @pytest.mark.parametrize("per_seq", ["1", "0"])
@@ -278,7 +275,7 @@ def test_server_profiles_per_request_equal_single_profile_results(
     try:
         mode = "one per sequence, mixed in a batch" if per_seq == "1" else "one per batch"
         assert f"first-token bias profiles: {mode}" in server.log.read_text()
-        status, listing = bench_load.http(server.url + "/attn-ftb-profiles")
+        status, listing = testing.http(server.url + "/attn-ftb-profiles")
         assert status == 200
         by_name = {p["name"]: p for p in listing["profiles"]}
         assert sorted(by_name) == ["p1", "p2", "p3"]
@@ -310,16 +307,16 @@ def test_server_profiles_per_request_equal_single_profile_results(
             body = {"prompt": p, "echo": True, "logprobs": 1, "max_tokens": 0}
             if name is not None:
                 body["attn_ftb"] = name
-            status, res = bench_load.http(server.url + "/v1/completions", body, timeout=120)
+            status, res = testing.http(server.url + "/v1/completions", body, timeout=120)
             return status, ([] if status != 200 else res["choices"][0]["logprobs"]["token_logprobs"][1:])
 
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(one, jobs[:40]))  # warm-up burst
-            rss0 = bench_load.rss_kib(server.proc.pid)
+            rss0 = testing.rss_kib(server.proc.pid)
             results = list(pool.map(one, jobs))
-            rss1 = bench_load.rss_kib(server.proc.pid)
+            rss1 = testing.rss_kib(server.proc.pid)
         worst = 0.0
         for (name, p), (status, got) in zip(jobs, results, strict=True):
             assert status == 200, (name, p)
@@ -335,9 +332,9 @@ def test_server_profiles_per_request_equal_single_profile_results(
         ):
             status, message = _error(server, {"prompt": "a", "attn_ftb": value})
             assert status == 400 and word in message, (value, message)
-        assert bench_load.http(server.url + "/health")[0] == 200
+        assert testing.http(server.url + "/health")[0] == 200
     finally:
-        assert bench_load.stop_server(server) == 0
+        assert testing.stop_server(server) == 0
 
 
 def test_server_refuses_bad_profile_files_at_start_up(served: dict, tmp_path: Path) -> None:
@@ -365,7 +362,7 @@ def test_server_refuses_bad_profile_files_at_start_up(served: dict, tmp_path: Pa
     for extra, word in cases:
         r = subprocess.run(
             [str(tool_path("llama-server")), "-m", str(served["model"]), "--no-warmup", "-t", "1",
-             "--port", str(bench_load.free_port()), *extra],
+             "--port", str(testing.free_port()), *extra],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode != 0, extra

@@ -44,14 +44,12 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from zt_gguf import gguf_meta, tools
+from zt_gguf import gguf_meta, testing, tools
 from zt_gguf.engine import Context, EngineError, Model
 from zt_gguf.tasks import Item
 from zt_gguf.testing import make_tiny_llama, write_tiny_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_load  # noqa: E402
 from test_fuzz import ARR, F32, U32, Seed, _ftb_lines, _run_child, kv_record, make_tiny_deci  # noqa: E402
 
 ZT = shutil.which("zt-gguf") or "zt-gguf"
@@ -682,10 +680,6 @@ def task_corpus(
             path.unlink()
 
 
-def test_task_corpus_is_large_enough() -> None:
-    assert len(TASK_CORPUS) >= 30
-
-
 @pytest.mark.parametrize("command", ["calibrate", "eval"])
 def test_broken_task_files_give_one_error_line(
     models: Models, task_corpus: dict[str, tuple[Path, int | None, str]], tmp_path: Path, command: str
@@ -900,15 +894,15 @@ def test_server_under_concurrent_load(models: Models, tmp_path: Path) -> None:
     client, zero errors, every response equal to the same request sent alone (tokens and log-probabilities),
     the first tokens equal to the engine's single-sequence result; RSS stable; then the same load on the
     same model with --no-attn-ftb (requests/s recorded, not asserted: too noisy on a shared machine)."""
-    prompts = bench_load.make_prompts(20, seed=4)
+    prompts = testing.make_prompts(20, seed=4)
     engine_ctx = Context(Model(models.tuned), n_ctx=512, n_seq_max=2, n_threads=1, flash_attn=False)
     figures: dict[str, dict[str, Any]] = {}
     for variant, extra in (("on", ()), ("off", ("--no-attn-ftb",))):
-        server = bench_load.start_server(models.tuned, *extra, threads=1, log_dir=tmp_path)
+        server = testing.start_server(models.tuned, *extra, threads=1, log_dir=tmp_path)
         try:
-            res = bench_load.run_load(server, prompts, LOAD_REQUESTS, 8, 4, atol=ATOL)
+            res = testing.run_load(server, prompts, LOAD_REQUESTS, 8, 4, atol=ATOL)
         finally:
-            code = bench_load.stop_server(server)
+            code = testing.stop_server(server)
         assert code == 0, server.log.read_text(errors="replace")[-2000:]
         assert res["errors"] == 0, res["first_errors"]
         assert res["mismatches"] == 0, res["first_mismatches"]

@@ -37,21 +37,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from zt_gguf import gguf_meta, tools
+from zt_gguf import gguf_meta, testing, tools
 from zt_gguf.engine import Context, Model
 from zt_gguf.testing import (
     TOKEN_TYPE_BYTE,
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_UNKNOWN,
+    Server,
     TinyModel,
     TinyTokenizer,
     make_tiny_gemma3,
     make_tiny_llama,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_load  # noqa: E402
-from bench_load import Server  # noqa: E402
 
 # log-probabilities, tool vs engine, no flash attention: float32 rounding under other batch shapes, measured
 # <= 2e-6 (llama and gemma3, perplexity, server, llama-cpp-python); the headroom is for gemma3's FP16 GELU
@@ -431,10 +428,10 @@ def test_completion_greedy_text_equals_engine(llama: Tiny) -> None:
 
 
 def test_completion_logit_bias_args_equal_engine(llama: Tiny) -> None:
-    """The --logit-bias arguments zt-gguf prints for a fitted logit bias (baselines.LogitBias.cli_args) make
+    """The --logit-bias arguments zt-gguf prints for a fitted logit bias (corrections.LogitBias.cli_args) make
     llama-completion generate what the engine generates with the same bias, on a tuned file: the engine
     batched (Context.score(logit_bias=...)) and single-sequence decodes with the bias added in NumPy agree."""
-    from zt_gguf.baselines import LogitBias
+    from zt_gguf.corrections import LogitBias
     from zt_gguf.tasks import Item
 
     n_predict = 6
@@ -511,7 +508,7 @@ def _first_logprobs(ctx: Context, prompt: str) -> np.ndarray:
 
 def _completion_request(server: Server, prompt: str) -> dict[str, Any]:
     body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": N_TOP, "seed": 1}
-    status, res = bench_load.http(server.url + "/v1/completions", body, timeout=60)
+    status, res = testing.http(server.url + "/v1/completions", body, timeout=60)
     assert status == 200, f"status {status} for {prompt!r}"
     return res
 
@@ -580,7 +577,7 @@ def test_server_concurrent_requests_equal_engine(llama: Tiny, start_server: Call
     ids, got = [t["id"] for t in top], np.array([t["logprob"] for t in top])
     assert np.abs(got - expect[p][ids]).max() > MIN_EFFECT
     for s in (server, plain):  # SIGTERM: a clean shutdown
-        assert bench_load.stop_server(s) == 0, s.log.read_text(errors="replace")[-3000:]
+        assert testing.stop_server(s) == 0, s.log.read_text(errors="replace")[-3000:]
 
 
 # --- 3. llama-cpp-python ----------------------------------------------------------------------------------

@@ -17,12 +17,24 @@ before the softmax). It has no effect where position 0 is masked (outside the sl
 The reference reproduces one llama.cpp numeric that is part of the model's definition on the CPU: GELU goes
 through ggml's FP16 lookup table (input rounded to fp16, result rounded to fp16; identity/zero beyond +-10).
 Everything else is computed in float64; the RoPE angle of pair i is p * base**(-2i/d).
+
+The last section starts and stops llama-server (our tree's) on a loopback port and drives it with concurrent
+greedy completions: the tests and benchmarks/bench_load.py share it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,6 +333,44 @@ def make_tiny_llama(
     return TinyModel(path=path, arch="llama", hparams=hp, weights=weights, tokenizer=tok, biases=b)
 
 
+def _gemma3_weights(
+    rng: np.random.Generator,
+    n_vocab: int,
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    n_head_kv: int,
+    head_dim: int,
+    n_ff: int,
+) -> dict[str, np.ndarray]:
+    """The random tensors of a tiny gemma3 (tied output embedding, Q/K norms, post-attention/FFN norms)."""
+    weights: dict[str, np.ndarray] = {}
+    # tied output: logits = norm(x) @ E^T; E rows have norm ~1 so the logits stay O(1)
+    weights["token_embd.weight"] = (rng.standard_normal((n_vocab, n_embd)) / math.sqrt(n_embd)).astype(
+        np.float32
+    )
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        weights[p + "attn_norm.weight"] = _norm_w(rng, n_embd)
+        weights[p + "attn_q.weight"] = _linear(rng, n_head * head_dim, n_embd)
+        weights[p + "attn_k.weight"] = _linear(rng, n_head_kv * head_dim, n_embd)
+        weights[p + "attn_v.weight"] = _linear(rng, n_head_kv * head_dim, n_embd)
+        weights[p + "attn_output.weight"] = _linear(rng, n_embd, n_head * head_dim)
+        # q/k norms well above 1: the logits q.k/sqrt(d) have a spread of a few units
+        weights[p + "attn_q_norm.weight"] = _norm_w(rng, head_dim, 2.0)
+        weights[p + "attn_k_norm.weight"] = _norm_w(rng, head_dim, 1.0)
+        weights[p + "post_attention_norm.weight"] = _norm_w(rng, n_embd)
+        weights[p + "ffn_norm.weight"] = _norm_w(rng, n_embd)
+        weights[p + "ffn_gate.weight"] = _linear(rng, n_ff, n_embd)
+        weights[p + "ffn_up.weight"] = _linear(rng, n_ff, n_embd)
+        weights[p + "ffn_down.weight"] = _linear(rng, n_embd, n_ff)
+        # a small post-FFN norm keeps the FFN's share small, and so the effect of ggml's FP16 GELU table,
+        # where a float32-level difference of the input can flip its fp16 rounding (see reference_logits)
+        weights[p + "post_ffw_norm.weight"] = _norm_w(rng, n_embd, 0.1)
+    weights["output_norm.weight"] = _norm_w(rng, n_embd, 2.0)
+    return weights
+
+
 def make_tiny_gemma3(
     path: str | Path,
     *,
@@ -358,33 +408,9 @@ def make_tiny_gemma3(
     b = _check_biases(biases, n_layer, n_head)
     tok = make_tokenizer(add_bos)
     n_vocab = tok.n_vocab
-    rng = np.random.default_rng(seed)
-
-    weights: dict[str, np.ndarray] = {}
-    # tied output: logits = norm(x) @ E^T; E rows have norm ~1 so the logits stay O(1)
-    weights["token_embd.weight"] = (rng.standard_normal((n_vocab, n_embd)) / math.sqrt(n_embd)).astype(
-        np.float32
+    weights = _gemma3_weights(
+        np.random.default_rng(seed), n_vocab, n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff
     )
-    for il in range(n_layer):
-        p = f"blk.{il}."
-        weights[p + "attn_norm.weight"] = _norm_w(rng, n_embd)
-        weights[p + "attn_q.weight"] = _linear(rng, n_head * head_dim, n_embd)
-        weights[p + "attn_k.weight"] = _linear(rng, n_head_kv * head_dim, n_embd)
-        weights[p + "attn_v.weight"] = _linear(rng, n_head_kv * head_dim, n_embd)
-        weights[p + "attn_output.weight"] = _linear(rng, n_embd, n_head * head_dim)
-        # q/k norms well above 1: the logits q.k/sqrt(d) have a spread of a few units
-        weights[p + "attn_q_norm.weight"] = _norm_w(rng, head_dim, 2.0)
-        weights[p + "attn_k_norm.weight"] = _norm_w(rng, head_dim, 1.0)
-        weights[p + "post_attention_norm.weight"] = _norm_w(rng, n_embd)
-        weights[p + "ffn_norm.weight"] = _norm_w(rng, n_embd)
-        weights[p + "ffn_gate.weight"] = _linear(rng, n_ff, n_embd)
-        weights[p + "ffn_up.weight"] = _linear(rng, n_ff, n_embd)
-        weights[p + "ffn_down.weight"] = _linear(rng, n_embd, n_ff)
-        # a small post-FFN norm keeps the FFN's share small, and so the effect of ggml's FP16 GELU table,
-        # where a float32-level difference of the input can flip its fp16 rounding (see reference_logits)
-        weights[p + "post_ffw_norm.weight"] = _norm_w(rng, n_embd, 0.1)
-    weights["output_norm.weight"] = _norm_w(rng, n_embd, 2.0)
-
     swa_layers = [il % swa_pattern < swa_pattern - 1 for il in range(n_layer)]
     hp = TinyHParams(
         n_layer=n_layer,
@@ -481,6 +507,52 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def _attention_heads(
+    hp: TinyHParams,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    visible: np.ndarray,
+    kq_scale: float,
+    bias: np.ndarray | None,
+) -> np.ndarray:
+    """Softmax attention of every query head [T, n_head, head_dim] (GQA: query head hq reads K/V head
+    hq // (n_head / n_head_kv)); bias [n_head] is added to the logit of the key at position 0."""
+    T = q.shape[0]
+    group = hp.n_head // hp.n_head_kv
+    out = np.empty((T, hp.n_head, hp.head_dim))
+    for hq in range(hp.n_head):
+        hk = hq // group
+        s = (q[:, hq, :] @ k[:, hk, :].T) * kq_scale  # [T, T]
+        if hp.attn_logit_softcap:
+            s = hp.attn_logit_softcap * np.tanh(s / hp.attn_logit_softcap)
+        if bias is not None:
+            s[:, 0] += bias[hq]  # the key at position 0 (masked below where invisible)
+        s = np.where(visible, s, -np.inf)
+        s = s - s.max(axis=1, keepdims=True)
+        e = np.exp(s)
+        prob = e / e.sum(axis=1, keepdims=True)
+        out[:, hq, :] = prob @ v[:, hk, :]
+    return out
+
+
+def _ffn(hp: TinyHParams, W: Mapping[str, np.ndarray], p: str, x: np.ndarray) -> np.ndarray:
+    """The FFN block of layer prefix p on the residual x (its norm, gated activation, post-norm)."""
+    h = _rms_norm(x, W[p + "ffn_norm.weight"], hp.rms_eps)
+    gate = h @ W[p + "ffn_gate.weight"].T
+    up = h @ W[p + "ffn_up.weight"].T
+    if hp.ffn_act == "silu":
+        act = _silu(gate) * up
+    elif hp.ffn_act == "gelu":
+        act = gelu_ggml(gate) * up
+    else:
+        raise ValueError(f"unknown ffn_act {hp.ffn_act!r}")
+    ffn = act @ W[p + "ffn_down.weight"].T
+    if hp.post_norms:
+        ffn = _rms_norm(ffn, W[p + "post_ffw_norm.weight"], hp.rms_eps)
+    return ffn
+
+
 def reference_logits(
     model: TinyModel,
     tokens: Sequence[int],
@@ -512,7 +584,6 @@ def reference_logits(
     b = None if biases is None else np.asarray(biases, dtype=np.float64).reshape(hp.n_layer, hp.n_head)
 
     pos = np.arange(T)
-    group = hp.n_head // hp.n_head_kv
 
     x = W["token_embd.weight"][toks] * hp.embd_scale
     for il in range(hp.n_layer):
@@ -546,37 +617,13 @@ def reference_logits(
         if swa and hp.n_swa > 0:
             visible &= (pos[:, None] - pos[None, :]) < hp.n_swa
 
-        out = np.empty((T, hp.n_head, hp.head_dim))
-        for hq in range(hp.n_head):
-            hk = hq // group
-            s = (q[:, hq, :] @ k[:, hk, :].T) * kq_scale  # [T, T]
-            if hp.attn_logit_softcap:
-                s = hp.attn_logit_softcap * np.tanh(s / hp.attn_logit_softcap)
-            if b is not None:
-                s[:, 0] += b[il, hq]  # the key at position 0 (masked below where invisible)
-            s = np.where(visible, s, -np.inf)
-            s = s - s.max(axis=1, keepdims=True)
-            e = np.exp(s)
-            prob = e / e.sum(axis=1, keepdims=True)
-            out[:, hq, :] = prob @ v[:, hk, :]
+        out = _attention_heads(hp, q, k, v, visible, kq_scale, None if b is None else b[il])
         attn = out.reshape(T, hp.n_head * hp.head_dim) @ W[p + "attn_output.weight"].T
         if hp.post_norms:
             attn = _rms_norm(attn, W[p + "post_attention_norm.weight"], hp.rms_eps)
         x = x + attn
 
-        h = _rms_norm(x, W[p + "ffn_norm.weight"], hp.rms_eps)
-        gate = h @ W[p + "ffn_gate.weight"].T
-        up = h @ W[p + "ffn_up.weight"].T
-        if hp.ffn_act == "silu":
-            act = _silu(gate) * up
-        elif hp.ffn_act == "gelu":
-            act = gelu_ggml(gate) * up
-        else:
-            raise ValueError(f"unknown ffn_act {hp.ffn_act!r}")
-        ffn = act @ W[p + "ffn_down.weight"].T
-        if hp.post_norms:
-            ffn = _rms_norm(ffn, W[p + "post_ffw_norm.weight"], hp.rms_eps)
-        x = x + ffn
+        x = x + _ffn(hp, W, p, x)
 
     x = _rms_norm(x, W["output_norm.weight"], hp.rms_eps)
     out_w = W["token_embd.weight"] if hp.tied_output else W["output.weight"]
@@ -588,8 +635,6 @@ def reference_logits(
 
 def write_tiny_task(path: str | Path, n: int, *, seed: int = 0, balanced: bool = False) -> Path:
     """A JSONL task of n items whose prompts use the tiny vocabulary's words, choices " cat" / " dog"."""
-    import json
-
     words = [w.lstrip("▁") for w in _WORD_PIECES]
     rng = np.random.default_rng(seed)
     path = Path(path)
@@ -600,3 +645,238 @@ def write_tiny_task(path: str | Path, n: int, *, seed: int = 0, balanced: bool =
             item = {"prompt": prompt, "choices": [" cat", " dog"], "answer": answer, "id": f"t{i}"}
             f.write(json.dumps(item) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# llama-server: start, stop, and a load client
+
+SERVER_TIE = 1e-3  # a greedy choice between two tokens closer than this may flip under another batch shape
+_PROMPT_WORDS = tuple(w.lstrip("▁") for w in _WORD_PIECES if w.startswith("▁"))
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Response:
+    ok: bool
+    status: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of the chosen tokens
+    gaps: list[float] = field(default_factory=list)  # top-1 minus top-2 log-probability per step
+    text: str = ""
+    error: str = ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(url: str, body: dict[str, Any] | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+    """POST body as JSON (GET without one): the status and the decoded JSON reply (None on an HTTP error)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def start_server(
+    model: Path,
+    *extra: str,
+    threads: int = 2,
+    slots: int = 4,
+    ctx: int = 2048,
+    log_dir: Path,
+    startup_timeout: float = 180.0,
+) -> Server:
+    """llama-server of our tree on a free loopback port, healthy (or RuntimeError with its log)."""
+    from .tools import tool_path
+
+    for _ in range(3):  # a port taken between free_port() and the bind: try another
+        port = free_port()
+        log = log_dir / f"server-{port}.log"
+        args = [
+            str(tool_path("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads), "-fa", "off",
+            "--no-webui", *extra,
+        ]  # fmt: skip
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http(url + "/health", timeout=2)[0] == 200:
+                    return Server(url, proc, log)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        if proc.poll() is None:
+            stop_server(Server(url, proc, log))
+            break
+    raise RuntimeError(f"llama-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop_server(server: Server) -> int:
+    """SIGTERM (then SIGKILL after 20 s); the exit code."""
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+    return int(proc.returncode)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (VmRSS of /proc/PID/status), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def complete(server: Server, prompt: str, n_predict: int, timeout: float = 300.0) -> Response:
+    """A greedy completion (llama-server's /completion): the generated token ids, and the log-probability and
+    top-2 gap of each when the server gives them (it leaves them out for a token that ends inside a UTF-8
+    character)."""
+    body = {
+        "prompt": prompt,
+        "n_predict": n_predict,
+        "temperature": 0,
+        "n_probs": 2,
+        "return_tokens": True,
+        "seed": 1,
+        "ignore_eos": True,
+    }
+    try:
+        status, res = http(server.url + "/completion", body, timeout=timeout)
+    except OSError as e:
+        return Response(False, 0, error=f"{type(e).__name__}: {e}")
+    if status != 200 or not isinstance(res, dict):
+        return Response(False, status, error=f"HTTP {status}")
+    try:
+        tokens = [int(t) for t in res["tokens"]]
+        steps = res.get("completion_probabilities") or []
+        logprobs: list[float] = []
+        gaps: list[float] = []
+        if len(steps) == len(tokens) and all(int(s["id"]) == t for s, t in zip(steps, tokens)):
+            for s in steps:
+                logprobs.append(float(s["logprob"]))
+                top = sorted((float(t["logprob"]) for t in s["top_logprobs"]), reverse=True)
+                gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        return Response(True, status, tokens, logprobs, gaps, str(res.get("content", "")))
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        return Response(False, status, error=f"unexpected response ({type(e).__name__}: {e})")
+
+
+def compare_responses(got: Response, ref: Response, atol: float) -> tuple[str, float]:
+    """("equal", "tie" (a divergence at a near-tie of the reference) or what differs; the largest
+    log-probability difference over the tokens both have)."""
+    if not got.ok:
+        return f"error: {got.error}", 0.0
+    probs = len(got.logprobs) == len(got.tokens) and len(ref.logprobs) == len(ref.tokens)
+    worst = 0.0
+    for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)):
+        if a != b:
+            gap = ref.gaps[k] if k < len(ref.gaps) else float("inf")
+            return ("tie" if gap < SERVER_TIE else f"token {k}: {a} != {b} (gap {gap:.4f})"), worst
+        if probs:
+            worst = max(worst, abs(got.logprobs[k] - ref.logprobs[k]))
+            if worst > atol:
+                return f"log-probability {k}: {got.logprobs[k]} vs {ref.logprobs[k]}", worst
+    if len(got.tokens) != len(ref.tokens):
+        return f"{len(got.tokens)} tokens, alone {len(ref.tokens)}", worst
+    return "equal", worst
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct prompts of 3-14 words (a third share a prefix, so that slots reuse cached prefixes)."""
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    while len(out) < n:
+        p = ("the cat sat " if len(out) % 3 == 0 else "") + " ".join(
+            rng.choice(_PROMPT_WORDS, int(rng.integers(3, 12)))
+        )
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def run_load(
+    server: Server,
+    prompts: Sequence[str],
+    n_requests: int,
+    concurrency: int,
+    n_predict: int,
+    *,
+    atol: float,
+) -> dict[str, Any]:
+    """The single-sequence results, then n_requests concurrent ones (prompts round-robin); the figures."""
+    complete(server, prompts[0], n_predict)  # warm-up
+    alone = {p: complete(server, p, n_predict) for p in prompts}
+    bad_alone = [p for p, r in alone.items() if not r.ok]
+    if bad_alone:
+        raise RuntimeError(f"{len(bad_alone)} requests failed alone: {alone[bad_alone[0]].error}")
+    # a first concurrent burst, so that the slots' buffers exist before RSS is sampled
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        warm = list(pool.map(lambda p: complete(server, p, n_predict), list(prompts)[: 2 * concurrency]))
+    if not all(r.ok for r in warm):
+        raise RuntimeError(f"the warm-up burst failed: {next(r.error for r in warm if not r.ok)}")
+    pid = server.proc.pid
+    rss_before = rss_kib(pid)
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            try:
+                peak[0] = max(peak[0], rss_kib(pid))
+            except (OSError, RuntimeError):
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    order = [prompts[i % len(prompts)] for i in range(n_requests)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(lambda p: complete(server, p, n_predict), order))
+    seconds = time.monotonic() - t0
+    stop.set()
+    sampler.join()
+    rss_after = rss_kib(pid)
+    compared = [compare_responses(r, alone[p], atol) for p, r in zip(order, results)]
+    verdicts = [v for v, _ in compared]
+    errors = [r.error for r in results if not r.ok]
+    mismatches = [v for v in verdicts if v not in ("equal", "tie") and not v.startswith("error")]
+    return {
+        "requests": n_requests,
+        "distinct_prompts": len(prompts),
+        "concurrency": concurrency,
+        "n_predict": n_predict,
+        "seconds": seconds,
+        "requests_per_s": n_requests / seconds,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "equal": verdicts.count("equal"),
+        "ties": verdicts.count("tie"),
+        "mismatches": len(mismatches),
+        "max_logprob_diff": max(d for _, d in compared),
+        "atol": atol,
+        "first_mismatches": mismatches[:3],
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "rss_kib_peak": peak[0],
+        "alone": {p: {"tokens": r.tokens, "logprobs": r.logprobs} for p, r in alone.items()},
+    }
