@@ -151,7 +151,7 @@ def _pct(x: float) -> str:
 
 def table(recs: list[dict]) -> str:
     """Means over seeds per model, task and objective, and the pooled paired delta of each fair pair."""
-    from zt_gguf.metrics import paired_bootstrap_delta
+    from zt_gguf.stats import paired_bootstrap_delta
 
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in recs:

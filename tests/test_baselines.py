@@ -1,4 +1,5 @@
-"""The output-side baselines (zt_gguf.baselines) against plain re-computations and constructed cases.
+"""The output-side baselines (zt_gguf.corrections, zt_gguf.comparison) against plain re-computations and
+constructed cases.
 
 Scores are made with a known label prior: S[i, j] = margin * [j == y_i] + noise + skew[j], so that the skew is
 the prior every method must remove, and accuracy without it is known. The references below are loops over
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from zt_gguf import baselines as B
+from zt_gguf import corrections as B
 from zt_gguf import metrics
+from zt_gguf.comparison import TUNED, UNTUNED, Arm, RowKey, compare, run_comparison, verdict
 from zt_gguf.tasks import Item
 
 
@@ -115,33 +117,39 @@ def test_compare_rows_and_verdict_against_recomputation() -> None:
     # the "tuned" model: a weaker skew but also a weaker signal
     t_cal, _ = _skewed(100, 2, skew / 4, seed=6, margin=1.0)
     t_held, _ = _skewed(200, 2, skew / 4, seed=7, margin=1.0)
-    rows = B.compare(B.Arm(s_cal, s_held), B.Arm(t_cal, t_held), y_held, y_cal, seed=0)
+    rows = compare(Arm(s_cal, s_held), Arm(t_cal, t_held), y_held, y_cal, seed=0)
     by = {r.key: r for r in rows}
-    assert set(by) == {
-        "untuned",
-        "untuned+batch-heldout",
-        "untuned+batch-calibration",
-        "untuned+label-offset",
-        "tuned",
-        "tuned+batch-heldout",
-        "tuned+batch-calibration",
-        "tuned+label-offset",
-    }
+    corrections = (None, "batch-heldout", "batch-calibration", "label-offset")
+    assert set(by) == {RowKey(m, c) for m in (UNTUNED, TUNED) for c in corrections}
+    untuned, tuned, bc_held = RowKey(UNTUNED), RowKey(TUNED), RowKey(UNTUNED, "batch-heldout")
     prior = np.mean([_ref_log_softmax(list(r)) for r in s_held], axis=0)
     ref_bc = np.mean(
         [np.argmax(np.array(_ref_log_softmax(list(r))) - prior) == t for r, t in zip(s_held, y_held)]
     )
-    assert by["untuned+batch-heldout"].accuracy == pytest.approx(ref_bc)
-    assert by["untuned"].accuracy == pytest.approx(np.mean(np.argmax(s_held, axis=1) == y_held))
-    assert by["tuned"].delta_vs_tuned["delta"] == 0.0
-    d = by["untuned+batch-heldout"].delta_vs_tuned
-    assert d["delta"] == pytest.approx(by["untuned+batch-heldout"].accuracy - by["tuned"].accuracy)
+    assert by[bc_held].accuracy == pytest.approx(ref_bc)
+    assert by[untuned].accuracy == pytest.approx(np.mean(np.argmax(s_held, axis=1) == y_held))
+    assert by[tuned].delta_vs_tuned["delta"] == 0.0
+    d = by[bc_held].delta_vs_tuned
+    assert d["delta"] == pytest.approx(by[bc_held].accuracy - by[tuned].accuracy)
     assert d["lo"] <= d["delta"] <= d["hi"]
-    assert sum(by["untuned"].pred_counts) == 200
+    assert sum(by[untuned].pred_counts) == 200
     # the skewed untuned model, corrected for free, beats this "tuned" model: the verdict says so
-    v = B.verdict(rows, "tuned", seed=0)
-    assert not v.beats and v.best_free.key.startswith("untuned+")
+    v = verdict(rows, tuned, seed=0)
+    assert not v.beats and v.best_free.model == UNTUNED and v.best_free.key.correction is not None
     assert v.best_free.accuracy == max(r.accuracy for r in rows if r.free)
+
+
+def test_row_key_text_form() -> None:
+    """The text form report.json and the GGUF provenance store, and its parser (a second route: RowKey.parse
+    of str(key) gives the key back; unknown models and corrections are refused)."""
+    key = RowKey("tuned", "label-offset")
+    assert str(key) == "tuned+label-offset" and str(RowKey("untuned")) == "untuned"
+    for k in (key, RowKey("untuned"), RowKey("untuned", "contextual"), RowKey("tuned", "stored")):
+        assert RowKey.parse(str(k)) == k
+    assert RowKey.parse("untuned+batch-heldout").free and not key.free
+    for bad in ("tuned+nonsense", "other", "other+label-offset", ""):
+        with pytest.raises(ValueError, match="not a comparison row"):
+            RowKey.parse(bad)
 
 
 def test_logit_bias_fit_on_a_constructed_case() -> None:
@@ -258,33 +266,112 @@ def test_calibrate_reports_the_baselines_on_the_tiny_model(tmp_path) -> None:  #
     assert rows["untuned+contextual"]["accuracy"] == pytest.approx(np.mean(cc == y), abs=1e-9)
 
 
+@dataclass
+class _Scores:
+    """The field of engine.Scores that choice-scored comparisons read."""
+
+    choice_logprob: list[float]
+
+
+def _perfect(y: np.ndarray, skew: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Two-choice scores with margin 2 for the answer plus a skew: (0, 0) is right on every item; (0, 3)
+    picks choice 1 on every item (right on half), and only an offset that favours choice 0 fixes it."""
+    return 2.0 * np.eye(2)[y] + np.array(skew) - 5.0
+
+
+@pytest.mark.parametrize(
+    ("objective", "supervised", "tuned_skew", "shipped", "accuracy"),
+    [
+        ("bc-logprob", True, (0.0, 0.0), "batch-calibration", 1.0),  # a bc- objective ships Batch Calibration
+        ("logprob", True, (0.0, 3.0), "label-offset", 1.0),  # the offset raises calibration accuracy to 100%
+        ("logprob", True, (0.0, 0.0), None, 1.0),  # 100% already: the offset cannot raise it, nothing ships
+        ("logprob", False, (0.0, 3.0), None, 0.5),  # no labels: no label offset, and no better than free
+    ],
+)
+def test_run_comparison_ships_what_its_rules_pick(
+    objective: str, supervised: bool, tuned_skew: tuple[float, float], shipped: str | None, accuracy: float
+) -> None:
+    """run_comparison on fixed score matrices whose pick is determined: the untuned model scores every choice
+    alike (so every free method predicts one label for all items: 50% on balanced labels), the tuned one has
+    the answer's margin plus tuned_skew. The shipped row and its correction, recomputed in NumPy, and the
+    provenance calibrate stores from it, read back by correction_from_provenance."""
+    from zt_gguf.outputs import comparison_provenance
+
+    y_cal, y_held = np.arange(20) % 2, np.arange(30) % 2
+    calib = [Item(f"c{i}", ("a", "b"), int(t), f"c{i}") for i, t in enumerate(y_cal)]
+    held = [Item(f"h{i}", ("a", "b"), int(t), f"h{i}") for i, t in enumerate(y_held)]
+    tuned_bias = np.full((2, 4), 0.5)
+    table = {it.id: _perfect(np.array([it.answer]), tuned_skew)[0] for it in calib + held}
+
+    def score(bias: np.ndarray | None, items: list[Item], pairs: tuple) -> list[_Scores]:
+        assert pairs == () and (bias is None or bias is tuned_bias)
+        return [_Scores([-5.0, -5.0] if bias is None else list(table[it.id])) for it in items]
+
+    comp = run_comparison(
+        score,
+        calib,
+        held,
+        [],
+        tuned_bias,
+        supervised=supervised,
+        scoring="choice",
+        objective=objective,
+        seed=0,
+    )
+    assert comp is not None and comp.verdict is not None
+    assert comp.shipped == RowKey(TUNED, shipped)
+    t_cal = _perfect(y_cal, tuned_skew)
+    if shipped is None:
+        assert comp.shipped_correction is None
+    else:
+        c = comp.shipped_correction
+        assert isinstance(c, B.Correction)
+        if shipped == "batch-calibration":  # minus the mean log-softmax over the calibration inputs
+            lp = np.array([_ref_log_softmax(list(r)) for r in t_cal])
+            np.testing.assert_allclose(c.offset, -(lp.mean(0) - lp.mean()), atol=1e-12)
+        else:  # an offset that favours choice 0 by more than the skew's 3 minus the margin's 2
+            assert c.offset[0] - c.offset[1] > 1.0 and np.all(c.predict(t_cal) == y_cal)
+        stored = B.correction_from_provenance(comparison_provenance(comp))
+        assert isinstance(stored, B.Correction) and stored.method == c.method
+        np.testing.assert_allclose(stored.offset, c.offset, atol=1e-12)
+    v = comp.verdict
+    assert v.shipped.key == comp.shipped and v.shipped.accuracy == accuracy
+    assert v.best_free.free and v.best_free.accuracy == 0.5 and v.beats == (accuracy > 0.5)
+    assert {r.key for r in comp.rows if r.free} >= {RowKey(UNTUNED), RowKey(UNTUNED, "batch-heldout")}
+
+
 def test_eval_applies_the_stored_correction(tmp_path) -> None:  # noqa: ANN001
-    """A file tuned with a bc- objective ships Batch Calibration on the calibration inputs: calibrate stores
-    it, eval applies it to the evaluated model's choice scores (recomputed here from a fresh engine) and
-    reports the label-free baselines of the untuned model on the same items."""
+    """A tuned file whose provenance stores a known choice offset (written with gguf_meta.write_tuned, as
+    calibrate writes it): eval applies it to the evaluated model's choice scores (recomputed here from a
+    fresh engine, and chosen so that it changes about half of the predictions) and reports the label-free
+    baselines of the untuned model on the same items."""
     import json
     import subprocess
 
     from zt_gguf import gguf_meta
     from zt_gguf.engine import Context, Model
+    from zt_gguf.tasks import load_task
     from zt_gguf.testing import make_tiny_llama, write_tiny_task
 
-    model = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, seed=13).path
-    task = write_tiny_task(tmp_path / "task.jsonl", 50, seed=14)
+    tiny = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, seed=13)
     test = write_tiny_task(tmp_path / "test.jsonl", 30, seed=15)
+    bias = np.log(np.where(np.arange(2 * 4).reshape(2, 4) % 2 == 0, 2.0, 0.5))
+    items = load_task(test).items
+    plain = tmp_path / "plain.gguf"
+    gguf_meta.write_tuned(tiny.path, plain, bias)
+    s = np.array([sc.choice_logprob for sc in Context(Model(plain), n_threads=1).score(items, n_gen=1)])
+    lp = s - s.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    # an offset at the median margin: it flips the prediction of about half of the items
+    shift = float(np.median(lp[:, 0] - lp[:, 1]))
+    stored = B.Correction("batch", np.array([-shift / 2, shift / 2]), "test: the median margin", False)
+    want = np.argmax(lp + stored.offset, 1)
+    assert np.any(want != np.argmax(lp, 1))  # the fixture: applying the offset changes predictions
     out = tmp_path / "tuned.gguf"
-    res = subprocess.run(
-        ["zt-gguf", "calibrate", str(model), "--task", str(task), "--scoring", "choice", "--objective",
-         "bc-logprob", "--threads", "1", "-o", str(out), "--force", "--quiet", "--json"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    if not out.exists():
-        pytest.skip("the search kept the baseline on this random model")  # nothing to ship
-    prov = gguf_meta.read_model_info(out).provenance
-    assert prov["shipped"] == "tuned+batch-calibration"
-    stored = B.correction_from_provenance(prov)
-    assert isinstance(stored, B.Correction) and stored.method == "batch"
+    prov = {"shipped": "tuned+batch-calibration", "choice_correction": json.dumps(stored.to_dict())}
+    gguf_meta.write_tuned(tiny.path, out, bias, prov)
+    assert gguf_meta.read_model_info(out).provenance["shipped"] == "tuned+batch-calibration"
+
     res = subprocess.run(
         ["zt-gguf", "eval", str(out), "--task", str(test), "--threads", "1", "--json"],
         capture_output=True, text=True, timeout=600,
@@ -292,16 +379,11 @@ def test_eval_applies_the_stored_correction(tmp_path) -> None:  # noqa: ANN001
     assert res.returncode == 0, res.stderr
     ev = json.loads(res.stdout)
     assert ev["correction"]["method"] == "batch"
+    np.testing.assert_allclose(ev["correction"]["offset"], stored.offset, atol=1e-12)
     rows = {r["key"]: r for r in ev["baselines"]["rows"]}
     assert {"untuned", "untuned+batch-heldout", "tuned", "tuned+batch-heldout", "tuned+stored"} <= set(rows)
-    from zt_gguf.tasks import load_task
-
-    items = load_task(test).items
-    ctx = Context(Model(out), n_threads=1)  # the stored bias is applied by default
-    s = np.array([sc.choice_logprob for sc in ctx.score(items, n_gen=1)])
     y = np.array([it.answer for it in items])
-    lp = s - s.max(1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
-    want = np.mean(np.argmax(lp + np.array(stored.offset), 1) == y)
-    assert rows["tuned+stored"]["accuracy"] == pytest.approx(want, abs=1e-9)
+    assert rows["tuned+stored"]["accuracy"] == pytest.approx(np.mean(want == y), abs=1e-9)
+    assert rows["tuned+stored"]["pred_counts"] == np.bincount(want, minlength=2).tolist()
+    assert rows["tuned"]["accuracy"] == pytest.approx(np.mean(np.argmax(s, 1) == y), abs=1e-9)
     assert rows["tuned"]["accuracy"] == pytest.approx(ev["accuracy_choice"], abs=1e-9)

@@ -12,11 +12,10 @@ from zt_gguf.metrics import (
     get_objective,
     item_results,
     mutual_information,
-    paired_bootstrap_delta,
     parse_generation,
     summarize,
-    wilson_interval,
 )
+from zt_gguf.stats import paired_bootstrap_delta, wilson_interval
 from zt_gguf.tasks import Item
 
 
