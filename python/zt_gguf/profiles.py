@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import fsutil, gguf_meta
+from .errors import UserError
 from .gguf_meta import GGUFMetaError, ModelInfo
 
 NONE = "none"  # the bias off
@@ -31,7 +32,7 @@ RESERVED = (NONE, STORED)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile problem; str() is one line naming the file or the name."""
 
 
@@ -75,7 +76,9 @@ def load_profile(name: str, path: str | os.PathLike[str], info: ModelInfo) -> Pr
         biases = gguf_meta.read_bias_file(path, info)
         provenance: dict[str, Any] = {}
         try:
-            if path.read_bytes()[:4] == gguf_meta.MAGIC:
+            with path.open("rb") as f:
+                is_gguf = f.read(4) == gguf_meta.MAGIC
+            if is_gguf:
                 provenance = gguf_meta.read_provenance(path)
             else:
                 doc = json.loads(path.read_text(encoding="utf-8-sig"))
