@@ -71,7 +71,15 @@ def _pool(setup: dict[str, Any], **kw: Any) -> RayPool:
 
 def test_two_workers_give_the_single_process_result(cluster: None, setup: dict[str, Any]) -> None:
     seen: list[int] = []
-    pool = _pool(setup, on_scores=lambda b, items, scores: seen.append(len(scores)))
+    pool = _pool(setup)
+    wait = pool.wait
+
+    def counting_wait() -> tuple[int, list[Any], float]:  # the scores every job returned, counted
+        job, scores, seconds = wait()
+        seen.append(len(scores))
+        return job, scores, seconds
+
+    pool.wait = counting_wait  # type: ignore[method-assign]
     try:
         assert pool.n_workers == 2 and len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
         result = search(None, setup["items"], setup["shape"], CONFIG, pool=pool)

@@ -29,7 +29,14 @@ from .options import CalibrateOptions
 from .outputs import Outputs, prepare, write_outputs
 from .report import Workers
 from .results import Calibration, Decision, Delta, HeldOut, Plan
-from .search import SearchResult, search
+from .search import SearchResult, search, search_chunks
+from .search_events import (
+    EVENT_CANDIDATE,
+    EVENT_DONE,
+    EVENT_ESTIMATE,
+    EVENT_NO_DISCRIMINATION,
+    EVENT_PLAN,
+)
 from .tasks import Item, Task, split_items
 
 MIN_SUPERVISED_ITEMS = 20
@@ -90,6 +97,7 @@ def calibrate(
     notes.say(f"scoring: {chosen.scoring} ({chosen.reason})")
     n_gen = 1 if chosen.scoring == "choice" else options.n_gen
     memo = scoring.MemoScorer(engine.ctx, n_gen, plan.stops)
+    memo.group(search_chunks(plan.calib, replace(options.search, seed=options.seed)))
     objective = options.objective or DEFAULT_OBJECTIVE[(plan.mode, chosen.scoring)]
 
     t1 = time.monotonic()
@@ -462,27 +470,37 @@ class _SearchFeedback:
         self.update(done, note)
 
     def event(self, name: str, data: dict[str, Any]) -> None:
-        if name == "candidate":
-            self.candidate = data["description"]
-        elif name == "done":
-            self.n_done = data["n_done"]
-        elif name == "plan":
-            self.notes.say(
-                f"search {self.method}: up to {data['n_candidates']} candidates on {data['n_items']} "
-                f"calibration items ({data['n_chunks']} chunks of {data['chunk_size']}), "
-                f"objective {self.objective}"
-            )
-        elif name == "estimate":
-            workers = data.get("n_workers", 1)
-            self.notes.say(
-                f"first chunk scored in {data['chunk_s']:.1f} s: the search takes up to "
-                f"{_duration(data['estimate_s'])}"
-                + (f" on {workers} workers" if workers > 1 else "")
-                + " (less when early stopping drops candidates)"
-            )
-        elif name == "no_discrimination":
-            self.notes.warn(
-                f"the first {data['n_candidates']} candidates score exactly the same on the first "
-                f"{data['n_items']} items: {self.scoring} scoring with objective {self.objective} cannot "
-                "tell them apart on this model and task (try --scoring choice, or --objective logprob)"
-            )
+        handlers: dict[str, Callable[..., None]] = {
+            EVENT_CANDIDATE: self._candidate,
+            EVENT_DONE: self._done,
+            EVENT_PLAN: self._plan,
+            EVENT_ESTIMATE: self._estimate,
+            EVENT_NO_DISCRIMINATION: self._no_discrimination,
+        }
+        handlers[name](**data)
+
+    def _candidate(self, description: str, index: int) -> None:
+        self.candidate = description
+
+    def _done(self, description: str, n_done: int) -> None:
+        self.n_done = n_done
+
+    def _plan(self, n_candidates: int, n_items: int, chunk_size: int, n_chunks: int) -> None:
+        self.notes.say(
+            f"search {self.method}: up to {n_candidates} candidates on {n_items} calibration items "
+            f"({n_chunks} chunks of {chunk_size}), objective {self.objective}"
+        )
+
+    def _estimate(self, chunk_s: float, estimate_s: float, n_candidates: int, n_workers: int = 1) -> None:
+        self.notes.say(
+            f"first chunk scored in {chunk_s:.1f} s: the search takes up to {_duration(estimate_s)}"
+            + (f" on {n_workers} workers" if n_workers > 1 else "")
+            + " (less when early stopping drops candidates)"
+        )
+
+    def _no_discrimination(self, n_candidates: int, n_items: int) -> None:
+        self.notes.warn(
+            f"the first {n_candidates} candidates score exactly the same on the first {n_items} items: "
+            f"{self.scoring} scoring with objective {self.objective} cannot tell them apart on this model "
+            "and task (try --scoring choice, or --objective logprob)"
+        )

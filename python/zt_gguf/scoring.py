@@ -64,11 +64,21 @@ class MemoScorer:
     """Scores items under a bias (None or zeros: off) and a logit bias, each (bias, item) once per run.
 
     The search, the held-out check and the baselines ask for the same (bias, item) pairs again (the baseline
-    and the pick on the calibration items, for instance); the cache answers those."""
+    and the pick on the calibration items, for instance); the cache answers those. An item of a group (the
+    search's chunks, see :meth:`group`) is always scored with its whole group in one call, as the search
+    scores it: llama.cpp's results depend slightly on what shares a batch, so an item's scores are then the
+    same whichever stage asks first (the search here or on Ray workers, a resumed run, the comparison)."""
 
     def __init__(self, ctx: Any, n_gen: int, stops: Sequence[str]) -> None:
         self.ctx, self.n_gen, self.stops = ctx, n_gen, list(stops)
         self.cache: dict[tuple[str, tuple[tuple[int, float], ...], str, str], Any] = {}
+        self.groups: dict[tuple[str, str], tuple[Item, ...]] = {}
+
+    def group(self, chunks: Sequence[Sequence[Item]]) -> None:
+        """Score each chunk's items together whenever one of them is asked for."""
+        for chunk in chunks:
+            for it in chunk:
+                self.groups[(it.id, it.prompt)] = tuple(chunk)
 
     def __call__(
         self, bias: np.ndarray | None, items: Sequence[Item], logit_bias: Sequence[tuple[int, float]] = ()
@@ -77,11 +87,21 @@ class MemoScorer:
         lb = tuple((int(t), float(b)) for t, b in logit_bias)
         keys = [(bkey, lb, it.id, it.prompt) for it in items]
         missing = [it for it, k in zip(items, keys) if k not in self.cache]
+        calls: dict[tuple[Item, ...], None] = {}  # the groups to score, in order, each once
+        loose = []
+        for it in missing:
+            group = self.groups.get((it.id, it.prompt))
+            if group is None:
+                loose.append(it)
+            else:
+                calls[group] = None
         if missing:
             self.ctx.set_bias(None if bias is None else np.asarray(bias, np.float32))
-            out = self.ctx.score(missing, n_gen=self.n_gen, gen_stop=self.stops, logit_bias=lb)
-            for it, sc in zip(missing, out):
-                self.cache[(bkey, lb, it.id, it.prompt)] = sc
+        for batch in [*calls, tuple(loose)]:
+            if batch:
+                out = self.ctx.score(list(batch), n_gen=self.n_gen, gen_stop=self.stops, logit_bias=lb)
+                for it, sc in zip(batch, out):
+                    self.cache[(bkey, lb, it.id, it.prompt)] = sc
         return [self.cache[k] for k in keys]
 
 

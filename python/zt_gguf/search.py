@@ -377,6 +377,19 @@ class _Search:
         )
 
 
+def scoring_order(items: Sequence[Item], config: SearchConfig) -> list[Item]:
+    """The items in the order the search scores them (a permutation seeded by config.seed)."""
+    order = np.random.default_rng(config.seed).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def search_chunks(items: Sequence[Item], config: SearchConfig) -> list[list[Item]]:
+    """The chunks the search scores the items in: every candidate is scored chunk by chunk, each chunk in one
+    call of the scorer (so a caller that scores the same items again can group them the same way)."""
+    ordered = scoring_order(items, config)
+    return [ordered[i : i + config.chunk_size] for i in range(0, len(ordered), config.chunk_size)]
+
+
 def search(
     scorer: Scorer | None,
     items: Sequence[Item],
@@ -403,8 +416,7 @@ def search(
         pool = LocalPool(scorer)
     shape = (int(shape[0]), int(shape[1]))
     config = validated(config if config is not None else SearchConfig(), shape, items)
-    order = np.random.default_rng(config.seed).permutation(len(items))
-    ordered = [items[i] for i in order]
+    ordered = scoring_order(items, config)
     pool.start(ordered)
     path = Path(checkpoint) if checkpoint is not None else None
     state = SearchState.load(path, scorer_id) if path else SearchState(scorer_id=scorer_id)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from .errors import UserError
 from .metrics import get_objective
 from .tasks import Item
 
@@ -15,7 +16,7 @@ __all__ = ["METHODS", "SearchConfig", "SearchError", "validated"]
 METHODS = ("paper", "bands", "heads")
 
 
-class SearchError(ValueError):
+class SearchError(UserError, ValueError):
     """A search that cannot run as asked (configuration, items, checkpoint)."""
 
 
