@@ -223,7 +223,7 @@ def main() -> int:
     no_lcp = set(args.no_lcp_for.split(",")) if args.no_lcp_for else set()
     with tempfile.TemporaryDirectory(prefix="zt-bench-lmeval-") as tmp:
         for name in args.models.split(","):
-            model = models.get(name) if name in models.KNOWN else Path(name)
+            model = models.get(name) if name in models.MODELS else Path(name)
             for spec in args.tasks.split(","):
                 task, _, n = spec.partition(":")
                 folder = Path(tmp) / f"{model.stem}-{task}"

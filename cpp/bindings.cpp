@@ -1,5 +1,6 @@
 // pybind11 module zt_gguf._core: a thin face of the scoring engine (engine.h); the GIL is released
 // while llama.cpp works.
+#include "chat_template.h"
 #include "engine.h"
 
 #include <pybind11/numpy.h>
@@ -63,7 +64,14 @@ PYBIND11_MODULE(_core, m) {
         .def("token_to_piece", [](const zt::model & m, llama_token t) { return utf8(m.token_to_piece(t)); }, py::arg("token"))
         .def("detokenize", [](const zt::model & m, const std::vector<llama_token> & tokens) {
                  return utf8(m.detokenize(tokens));
-             }, py::arg("tokens"));
+             }, py::arg("tokens"))
+        .def_property_readonly("chat_template", [](const zt::model & m) {
+                 return utf8(zt::chat_template_source(m.get()));
+             })
+        .def("apply_chat_template", [](const zt::model & m, const std::vector<std::pair<std::string, std::string>> & messages,
+                                       bool add_generation_prompt) {
+                 return utf8(zt::apply_chat_template(m.get(), messages, add_generation_prompt));
+             }, py::arg("messages"), py::arg("add_generation_prompt") = true);
 
     py::class_<zt::item_score>(m, "ItemScore")
         .def_readonly("choice_logprob", &zt::item_score::choice_logprob)

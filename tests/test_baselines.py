@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from zt_gguf import corrections as B
-from zt_gguf import metrics
+from zt_gguf import metrics, objectives
 from zt_gguf.comparison import TUNED, UNTUNED, Arm, RowKey, compare, run_comparison, verdict
 from zt_gguf.tasks import Item
 
@@ -188,11 +188,11 @@ def test_bc_objectives_against_recomputation() -> None:
     prior = lp.mean(axis=0)
     corrected = lp - prior
     corrected = corrected - np.log(np.exp(corrected).sum(axis=1, keepdims=True))
-    acc = metrics.get_objective("bc-accuracy-choice").fn(results, items)
+    acc = objectives.get_objective("bc-accuracy-choice").fn(results, items)
     assert acc == pytest.approx(np.mean(np.argmax(corrected, axis=1) == y))
-    ll = metrics.get_objective("bc-logprob").fn(results, items)
+    ll = objectives.get_objective("bc-logprob").fn(results, items)
     assert ll == pytest.approx(np.mean(corrected[np.arange(80), y]))
-    mi = metrics.get_objective("bc-mutual-information").fn(results, items)
+    mi = objectives.get_objective("bc-mutual-information").fn(results, items)
     p = np.exp(corrected)
 
     def h(q: np.ndarray) -> float:
@@ -200,7 +200,7 @@ def test_bc_objectives_against_recomputation() -> None:
 
     assert mi == pytest.approx(h(p.mean(axis=0)) - np.mean([h(r) for r in p]))
     for name in ("bc-accuracy-choice", "bc-logprob", "bc-mutual-information"):
-        assert metrics.get_objective(name).per_item is None  # the prior depends on the batch: no racing
+        assert objectives.get_objective(name).per_item is None  # the prior depends on the batch: no racing
 
 
 # --- end to end on the tiny model: the report's rows against a second route ---------------------------------

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 from zt_gguf.metrics import (
-    OBJECTIVES,
     ItemResult,
-    get_objective,
     item_results,
     mutual_information,
     parse_generation,
     summarize,
 )
+from zt_gguf.objectives import OBJECTIVES, get_objective
 from zt_gguf.stats import paired_bootstrap_delta, wilson_interval
 from zt_gguf.tasks import Item
 
@@ -138,12 +137,15 @@ def test_objective_registry() -> None:
         "bc-accuracy-choice",
         "bc-logprob",
         "bc-mutual-information",
+        "answer-logprob",
+        "exact-match",
     }
     for name, obj in OBJECTIVES.items():
         fn, needs_labels, description = obj[:3]
         assert callable(fn) and description
         plain = name.removeprefix("bc-")
-        assert needs_labels == (plain.startswith("accuracy") or plain == "logprob")
+        labelled = plain.startswith("accuracy") or plain in ("logprob", "answer-logprob", "exact-match")
+        assert needs_labels == labelled
         # not a mean of per-item values: mutual information, and everything judged after Batch Calibration
         assert (obj.per_item is None) == (name == "mutual-information" or name.startswith("bc-"))
     with pytest.raises(ValueError, match="unknown objective"):

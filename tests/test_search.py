@@ -547,7 +547,8 @@ def test_events_no_discrimination_when_every_candidate_scores_the_same() -> None
 def test_bc_objectives_search_without_racing(objective: str) -> None:
     """The objectives judged after Batch Calibration run in the search on the fake model: never raced (the
     prior depends on the whole batch), and the pick's objective is the recomputation's on its own items."""
-    from zt_gguf.metrics import get_objective, item_results
+    from zt_gguf.metrics import item_results
+    from zt_gguf.objectives import get_objective
 
     model = FakeModel(n_items=60)
     r = search(model, model.items, model.shape, SearchConfig(objective=objective, chunk_size=20))

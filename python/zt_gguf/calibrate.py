@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from . import comparison as cmp
-from . import metrics, scoring, stats
-from .engine import Context, Model, fit_n_ctx
+from . import metrics, objectives, scoring, stats
+from .chat import chat_items
+from .engine import Context, Model, first_token_warning, fit_n_ctx
 from .errors import UserError
 from .gguf_meta import ModelInfo, read_model_info
-from .options import CalibrateOptions
+from .options import STOP_OPEN, CalibrateOptions, n_gen_for
 from .outputs import Outputs, prepare, write_outputs
 from .report import Workers
 from .results import Calibration, Decision, Delta, HeldOut, Plan
@@ -49,13 +50,18 @@ SCORINGS = scoring.SCORINGS
 # mean held-out change +1.2 / +10.0 points (Gemma / SmolLM2) vs -1.2 / -5.1; it can hurt a task with skewed
 # labels. Supervised choice scoring: the answer's log-probability, smooth where accuracy is a step function of
 # the biases (on the demo slice, Gemma 270M, held-out: accuracy-choice 63.3 -> 67.8, logprob 63.3 -> 82.2)
+# Open-ended tasks: the answer's log-likelihood under teacher forcing (one decode per item, smooth), checked
+# held out by exact match of real greedy generation; unsupervised, the paper's first-token entropy.
 DEFAULT_OBJECTIVE = {
-    ("supervised", "generate"): "accuracy-generate",
-    ("supervised", "choice"): "logprob",
-    ("unsupervised", "generate"): "mutual-information",
-    ("unsupervised", "choice"): "mutual-information",
+    ("choice", "supervised", "generate"): "accuracy-generate",
+    ("choice", "supervised", "choice"): "logprob",
+    ("choice", "unsupervised", "generate"): "mutual-information",
+    ("choice", "unsupervised", "choice"): "mutual-information",
+    ("open", "supervised", "generate"): "answer-logprob",
+    ("open", "unsupervised", "generate"): "neg-entropy-full",
 }
 SCORED_BY = ("generate", "choice")  # the held-out check reports both scorings
+_KIND_NAMES = {"choice": "multiple-choice", "open": "open-ended"}
 
 
 class CalibrationError(UserError, ValueError):
@@ -88,38 +94,27 @@ def calibrate(
     outputs = outputs or Outputs()
     check_outputs(model_path, outputs)
     notes = _Notes(log)
-    info = read_model_info(model_path)
-    plan = plan_calibration(task, options, info)
+    plan = plan_calibration(task, options, read_model_info(model_path))
     prepare(outputs)
     notes.warnings += plan.warnings
-    engine = open_engine(model_path, plan, options)
+    engine, plan = open_engine(model_path, plan, options)
+    if (w := first_token_warning(engine.model, [*plan.calib, *plan.held])) is not None:
+        notes.warn(w)
     chosen = choose_scoring(engine, plan, options)
     notes.say(f"scoring: {chosen.scoring} ({chosen.reason})")
-    n_gen = 1 if chosen.scoring == "choice" else options.n_gen
-    memo = scoring.MemoScorer(engine.ctx, n_gen, plan.stops)
-    memo.group(search_chunks(plan.calib, replace(options.search, seed=options.seed)))
-    objective = options.objective or DEFAULT_OBJECTIVE[(plan.mode, chosen.scoring)]
+    objective = options.objective or DEFAULT_OBJECTIVE[(plan.kind, plan.mode, chosen.scoring)]
+    memo, search_memo = _scorers(engine, plan, chosen.scoring, objective, options)
 
     t1 = time.monotonic()
-    result, workers = run_search(model_path, engine, plan, memo, options, outputs, chosen.scoring, objective,
-                                 notes, progress)  # fmt: skip
+    result, workers = run_search(model_path, engine, plan, search_memo, options, outputs, chosen.scoring,
+                                 objective, notes, progress)  # fmt: skip
     t2 = time.monotonic()
-    heldout = heldout_check(memo, plan.held, result.bias, options.seed, progress)
+    heldout = heldout_check(memo, plan.held, result.bias, options.seed, progress, _scored_by(plan))
     if heldout is not None and (lower := lowered_other_scoring(heldout, chosen.scoring)) is not None:
         notes.warnings.append(lower)
-    comparison = cmp.run_comparison(
-        memo,
-        plan.calib,
-        plan.held,
-        scoring.content_free_items(task, _items(task, options)),
-        result.bias,
-        supervised=plan.mode == "supervised",
-        scoring=chosen.scoring,
-        objective=objective,
-        seed=options.seed,
-    )
+    comparison = compare_with_free_baselines(memo, plan, result.bias, chosen.scoring, objective, options.seed)
     t3 = time.monotonic()
-    decision = decide(result.bias, heldout, comparison, chosen.scoring, options.force)
+    decision = decide(result.bias, heldout, comparison, chosen.scoring, options.force, plan.kind)
     if decision.warning is not None:
         notes.warn(decision.warning)
     attention = engine.ctx.probe_attention(result.bias if np.any(result.bias) else None, plan.calib[0])
@@ -138,8 +133,32 @@ def calibrate(
         attention=attention,
         gpu_layers=engine.model.n_gpu_layers,
         workers=workers,
+        kind=plan.kind,
+        n_gen=plan.n_gen,
     )
     return write_outputs(model_path, task, options, outputs, cal)
+
+
+def _scorers(
+    engine: Engine, plan: Plan, scoring_name: str, objective: str, options: CalibrateOptions
+) -> tuple[scoring.MemoScorer, scoring.MemoScorer]:
+    """The scorer of the held-out check and the comparison, and the search's. They are one, except for an
+    open-ended task whose objective reads no generation (the answer's log-likelihood): its search then
+    generates nothing, one decode per item."""
+    n_gen = 1 if scoring_name == "choice" else plan.n_gen
+    memo = scoring.MemoScorer(engine.ctx, n_gen, plan.stops)
+    search_memo = memo
+    if plan.kind == "open" and not objectives.get_objective(objective).generates:
+        search_memo = scoring.MemoScorer(engine.ctx, 0, plan.stops)
+    chunks = search_chunks(plan.calib, replace(options.search, seed=options.seed))
+    for m in {id(memo): memo, id(search_memo): search_memo}.values():
+        m.group(chunks)
+    return memo, search_memo
+
+
+def _scored_by(plan: Plan) -> tuple[str, ...]:
+    """The scorings the held-out check reports: an open-ended task's is its exact match alone."""
+    return ("generate",) if plan.kind == "open" else SCORED_BY
 
 
 # --- stage: plan (pure) ---------------------------------------------------------------------------------
@@ -165,13 +184,23 @@ def plan_calibration(task: Task, options: CalibrateOptions, info: ModelInfo) -> 
         raise CalibrationError(f"unknown scoring {options.scoring!r}; choose from {', '.join(SCORINGS)}")
     if options.objective is not None:
         try:
-            obj = metrics.get_objective(options.objective)
+            obj = objectives.get_objective(options.objective)
         except ValueError as e:
             raise CalibrationError(str(e)) from None
         if mode == "unsupervised" and obj.needs_labels:
             raise CalibrationError(
                 f"objective {options.objective!r} needs labels; unsupervised mode cannot use it"
             )
+        if task.kind not in obj.kinds:
+            fit = ", ".join(objectives.objectives_for(task.kind))
+            raise CalibrationError(
+                f"objective {options.objective!r} does not apply to a {_KIND_NAMES[task.kind]} task; "
+                f"choose from {fit}"
+            )
+    if task.kind == "open" and options.scoring == "choice":
+        raise CalibrationError(
+            f"{task.path}: an open-ended task is scored by generation (exact match), not --scoring choice"
+        )
     if mode == "supervised":
         if not task.has_answers:
             raise CalibrationError(f"{task.path}: supervised mode needs an answer on every item")
@@ -192,7 +221,19 @@ def plan_calibration(task: Task, options: CalibrateOptions, info: ModelInfo) -> 
         )
     if not calib:
         raise CalibrationError(f"{task.path}: no items left for calibration")
-    return Plan(mode=mode, calib=calib, held=held, stops=scoring.label_words(items), warnings=warnings)
+    stops = list(options.stop) if options.stop is not None else None
+    if stops is None:
+        stops = list(STOP_OPEN) if task.kind == "open" else scoring.label_words(items)
+    return Plan(
+        mode=mode,
+        calib=calib,
+        held=held,
+        stops=stops,
+        warnings=warnings,
+        kind=task.kind,
+        n_gen=n_gen_for(task.kind, options.n_gen),
+        content_free=scoring.content_free_items(task, items),
+    )
 
 
 def check_outputs(model_path: Path, outputs: Outputs) -> None:
@@ -230,23 +271,38 @@ class Engine:
     n_ctx: int
 
 
-def open_engine(model_path: Path, plan: Plan, options: CalibrateOptions) -> Engine:
+def open_engine(model_path: Path, plan: Plan, options: CalibrateOptions) -> tuple[Engine, Plan]:
+    """The model, the prompts as the model will see them (chat-formatted with --chat), the context sized
+    for them; returns the plan with those prompts."""
     model = Model(model_path, gpu_layers=options.gpu_layers)
-    n_gen = options.n_gen if options.scoring != "choice" else 1
+    if options.chat:
+        plan = replace(
+            plan,
+            calib=chat_items(model, plan.calib, options.system),
+            held=chat_items(model, plan.held, options.system),
+            content_free=chat_items(model, plan.content_free, options.system),
+        )
+    n_gen = plan.n_gen if options.scoring != "choice" else 1
     n_ctx = options.n_ctx or fit_n_ctx(model, [*plan.calib, *plan.held], options.search.chunk_size, n_gen)
     ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx, flash_attn=options.flash_attn)
-    return Engine(model, ctx, n_ctx)
+    return Engine(model, ctx, n_ctx), plan
 
 
 # --- stage: choose the scoring --------------------------------------------------------------------------
 
 
 def choose_scoring(engine: Engine, plan: Plan, options: CalibrateOptions) -> scoring.ScoringChoice:
-    """The user's scoring, or --scoring auto's measurement on the first chunk of calibration items."""
+    """The user's scoring, or --scoring auto's measurement on the first chunk of calibration items; an
+    open-ended task is always scored by generation."""
+    if plan.kind == "open":
+        rule = plan.calib[0].match
+        return scoring.ScoringChoice(
+            "generate", f"open-ended task: the greedy continuation, judged by the {rule} match rule"
+        )
     if options.scoring != "auto":
         return scoring.ScoringChoice(options.scoring, "as asked (--scoring)")
     first = plan.calib[: options.search.chunk_size]
-    return scoring.choose_scoring(engine.ctx, first, options.n_gen, plan.stops)
+    return scoring.choose_scoring(engine.ctx, first, plan.n_gen, plan.stops)
 
 
 # --- stage: search --------------------------------------------------------------------------------------
@@ -329,8 +385,9 @@ def heldout_check(
     bias: np.ndarray,
     seed: int,
     progress: ProgressFactory | None = None,
+    scored_by: Sequence[str] = SCORED_BY,
 ) -> HeldOut | None:
-    """The untuned and the tuned model on the held-out items (None: there are none)."""
+    """The untuned and the tuned model on the held-out items (None: there are none), under each scoring."""
     if not held:
         return None
     tick = progress("held-out", 2) if progress else None
@@ -341,7 +398,7 @@ def heldout_check(
     if tick:
         tick(2, "tuned")
     delta = {}
-    for s in SCORED_BY:
+    for s in scored_by:
         d = stats.paired_bootstrap_delta(_correct(base, held, s), _correct(tuned, held, s), seed=seed)
         delta[s] = Delta(*d)
     return HeldOut(len(held), metrics.summarize(base, held), metrics.summarize(tuned, held), delta)
@@ -355,12 +412,37 @@ def _correct(results: Sequence[metrics.ItemResult], items: Sequence[Item], scori
 def lowered_other_scoring(heldout: HeldOut, scoring_name: str) -> str | None:
     """A warning when the biases lower the held-out accuracy of the scoring they were not chosen for."""
     other = "choice" if scoring_name == "generate" else "generate"
+    if other not in heldout.delta:
+        return None
     d = heldout.delta[other].delta
     if d >= 0:
         return None
     return (
         f"the tuned biases LOWER held-out {other} accuracy by {-100 * d:.1f} points "
         f"(calibrated for {scoring_name})"
+    )
+
+
+# --- stage: compare with the free baselines -----------------------------------------------------------
+
+
+def compare_with_free_baselines(
+    memo: scoring.MemoScorer, plan: Plan, bias: np.ndarray, scoring_name: str, objective: str, seed: int
+) -> cmp.Comparison | None:
+    """The output-side corrections beside ZeroTuning on the held-out items (None: no labelled held-out
+    items, or an open-ended task, whose free-form answers have no label prior to correct)."""
+    if plan.kind == "open":
+        return None
+    return cmp.run_comparison(
+        memo,
+        plan.calib,
+        plan.held,
+        plan.content_free,
+        bias,
+        supervised=plan.mode == "supervised",
+        scoring=scoring_name,
+        objective=objective,
+        seed=seed,
     )
 
 
@@ -373,11 +455,16 @@ def decide(
     comparison: cmp.Comparison | None,
     scoring_name: str,
     force: bool,
+    kind: str = "choice",
 ) -> Decision:
     """Whether the tuned file is written: only when ZeroTuning, with the correction that ships with it, beats
-    the best free baseline on the held-out items (else, without a comparison, the untuned model); with force,
+    the best free baseline on the held-out items (else, without a comparison, the untuned model); for an
+    open-ended task, when its held-out exact match is higher with a paired 95% interval above 0; with force,
     whenever the search moved off the baseline."""
-    improved: bool | None = None if heldout is None else bool(heldout.delta[scoring_name].delta > 0)
+    improved: bool | None = None
+    if heldout is not None:
+        d = heldout.delta[scoring_name]
+        improved = bool(d.lo > 0) if kind == "open" else bool(d.delta > 0)
     v = comparison.verdict if comparison is not None else None
     warning = None
     if v is not None:
@@ -393,7 +480,7 @@ def decide(
         reason = "the search kept the baseline (no candidate beat it on the calibration items)"
     elif improved is False and not force:
         reason = (
-            "the tuned model is not better than the baseline on the held-out items (use --force to write it)"
+            _not_better(kind)
             if v is None
             else f"{v.best_free.key.describe()} is at least as good on the held-out items "
             f"({100 * v.best_free.accuracy:.1f}% vs {100 * v.shipped.accuracy:.1f}%): use "
@@ -402,6 +489,15 @@ def decide(
     else:
         reason = None
     return Decision(improved=improved, write=reason is None, reason=reason, warning=warning)
+
+
+def _not_better(kind: str) -> str:
+    if kind == "open":
+        return (
+            "the tuned model's held-out exact match is not higher than the untuned model's with a paired 95% "
+            "interval above 0 (use --force to write it)"
+        )
+    return "the tuned model is not better than the baseline on the held-out items (use --force to write it)"
 
 
 def use_instead(row: cmp.Row) -> str:

@@ -18,10 +18,12 @@ from typing import Any
 import click
 import numpy as np
 
-from . import __version__, gguf_meta, metrics, report, tasks
+from . import __version__, gguf_meta, objectives, report, tasks
 from .calibrate import CalibrateOptions, calibrate
 from .errors import UserError
 from .evaluate import evaluate
+from .matching import RULES as MATCH_RULES
+from .models import MODELS
 from .options import EvaluateOptions
 from .outputs import Outputs
 from .results import Calibration, Evaluation
@@ -29,6 +31,7 @@ from .search import METHODS, SearchConfig
 from .tools import TOOLS, bin_dir, tool_path
 
 EXIT_USAGE = 2
+MAX_N_GEN = 2048
 EXIT_INTERRUPTED = 130
 
 
@@ -149,6 +152,29 @@ task_options = [
     ),
     click.option("--max-items", type=click.IntRange(min=1), help="Use only the first N items."),
     click.option("--allow-duplicate-choices", is_flag=True, help="Accept items that repeat a choice."),
+    click.option(
+        "--match",
+        type=click.Choice(list(MATCH_RULES)),
+        help="Open-ended tasks: how a greedy continuation is judged against the reference answers (exact: "
+        "SQuAD-normalised first line; contains; number: the last number; regex: --answer-regex's group). "
+        "Default: the task file's header, else exact.",
+    ),
+    click.option(
+        "--answer-regex", help="Open-ended tasks, --match regex: a regular expression with one group."
+    ),
+    click.option(
+        "--stop",
+        multiple=True,
+        help="A stop string for generation (repeatable; default: the label words, or a newline for an "
+        'open-ended task). Use --stop "" for none (chain of thought: the number rule reads the last number).',
+    ),
+    click.option(
+        "--chat",
+        is_flag=True,
+        help="Send every prompt as a user message through the model's own chat template (as llama-server's "
+        "/v1/chat/completions does).",
+    ),
+    click.option("--system", help="With --chat: a system message before every prompt."),
     click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads."),
     click.option(
         "--gpu-layers",
@@ -169,13 +195,24 @@ task_options = [
 def _load_task(path: Path, p: dict[str, Any], max_items: int | None) -> tasks.Task:
     words = p["choice_words"]
     choices = [w if w.startswith(" ") else " " + w for w in words.split(",")] if words else None
+    if p["system"] is not None and not p["chat"]:
+        raise CliError("--system goes with --chat")
     return tasks.load_task(
         path,
         template=p["template"],
         choices=choices,
         max_items=max_items,
         allow_duplicate_choices=p["allow_duplicate_choices"],
+        match=p["match"],
+        answer_regex=p["answer_regex"],
     )
+
+
+def _stops(p: dict[str, Any]) -> tuple[str, ...] | None:
+    """--stop as given (--stop "" alone: no stop string), or None for the task's default."""
+    if not p["stop"]:
+        return None
+    return tuple(x for x in p["stop"] if x)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -224,14 +261,13 @@ calibrate_options = [
     ),
     click.option(
         "--n-gen",
-        type=click.IntRange(min=1, max=64),
-        default=4,
-        show_default=True,
-        help="Greedy tokens generated per item for --scoring generate (1: the paper's first token).",
+        type=click.IntRange(min=1, max=MAX_N_GEN),
+        help="Greedy tokens generated per item (default 4 for multiple choice, 1: the paper's first token; "
+        "32 for open-ended answers; a few hundred for chain of thought).",
     ),
     click.option(
         "--objective",
-        type=click.Choice(list(metrics.OBJECTIVES)),
+        type=click.Choice(list(objectives.OBJECTIVES)),
         help="What the search maximises (default: logprob for choice scoring, accuracy-generate for generate "
         "scoring, mutual-information unsupervised; bc-*: judged after Batch Calibration, shipped with it).",
     ),
@@ -359,6 +395,9 @@ def _calibrate_options(p: dict[str, Any]) -> CalibrateOptions:
         scoring=p["scoring"],
         objective=p["objective"],
         n_gen=p["n_gen"],
+        stop=_stops(p),
+        chat=p["chat"],
+        system=p["system"],
         holdout=p["holdout"],
         seed=p["seed"],
         search=search,
@@ -427,7 +466,11 @@ def _render_calibration(cal: Calibration, outputs: Outputs, as_json: bool) -> No
     type=click.Path(path_type=Path),
     help="Apply these biases instead (a tuned GGUF, a bias GGUF or JSON).",
 )
-@click.option("--n-gen", type=click.IntRange(min=1, max=64), default=4, show_default=True)
+@click.option(
+    "--n-gen",
+    type=click.IntRange(min=1, max=MAX_N_GEN),
+    help="Greedy tokens generated per item (default 4 for multiple choice, 32 for open-ended answers).",
+)
 @click.option(
     "--no-correction",
     is_flag=True,
@@ -454,6 +497,9 @@ def eval_cmd(model: Path, **p: Any) -> None:
         correction=not p["no_correction"],
         baselines=not p["no_baselines"],
         n_gen=p["n_gen"],
+        stop=_stops(p),
+        chat=p["chat"],
+        system=p["system"],
         seed=p["seed"],
         n_threads=p["threads"],
         gpu_layers=p["gpu_layers"],
@@ -469,6 +515,8 @@ def eval_cmd(model: Path, **p: Any) -> None:
         _emit_json(out)
     else:
         _render_evaluation(ev, out)
+    for w in ev.warnings:
+        click.echo(f"zt-gguf: warning: {w}", err=True)
 
 
 def _evaluation_json(ev: Evaluation) -> dict[str, Any]:
@@ -489,12 +537,18 @@ def _evaluation_json(ev: Evaluation) -> dict[str, Any]:
         out["corrected"] = report.heldout_metrics(ev.corrected)
     if ev.baselines is not None:
         out["baselines"] = ev.baselines
+    out["warnings"] = ev.warnings
+    if ev.kind == "open":
+        out.update(kind=ev.kind, match=ev.match, n_gen=ev.n_gen, examples=[e._asdict() for e in ev.examples])
     return out
 
 
 def _render_evaluation(ev: Evaluation, out: dict[str, Any]) -> None:
     click.echo(f"{ev.model.name} on {ev.task.name} ({ev.n_items} items, bias {ev.bias})")
     click.echo(f"  attention on {ev.attention}")
+    if ev.kind == "open":
+        _render_open_evaluation(ev, out)
+        return
     for key in ("accuracy_generate", "accuracy_choice"):
         acc, iv = out[key], out["intervals"][key]
         if acc is not None:
@@ -507,6 +561,21 @@ def _render_evaluation(ev: Evaluation, out: dict[str, Any]) -> None:
         click.echo(f"  {label:<18} {100 * c:5.1f}%  [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]  ({args})")
     click.echo(f"  {'invalid outputs':<18} {100 * out['invalid_rate']:5.1f}%")
     click.echo(f"  {'items/s':<18} {out['items_per_s']:.1f}")
+    for line in report.format_baselines(out.get("baselines") or {}, items="these items,"):
+        click.echo(f"  {line}")
+
+
+def _render_open_evaluation(ev: Evaluation, out: dict[str, Any]) -> None:
+    acc, iv = out["accuracy_generate"], out["intervals"]["accuracy_generate"]
+    if acc is not None:
+        click.echo(
+            f"  exact match ({ev.match} rule) {100 * acc:5.1f}%  [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
+        )
+    click.echo(f"  {'items/s':<18} {out['items_per_s']:.1f}")
+    for e in ev.examples:
+        tail = e.prompt[-60:].replace("\n", "\\n")
+        verdict = "right" if e.correct else "wrong"
+        click.echo(f"  {verdict}: ...{tail!s} -> {e.continuation!r} (reference {e.references[0]!r})")
     for line in report.format_baselines(out.get("baselines") or {}, items="these items,"):
         click.echo(f"  {line}")
 
@@ -607,7 +676,7 @@ def strip_cmd(model: Path, output: Path) -> None:
 @click.option(
     "--model",
     "model_name",
-    type=click.Choice(["gemma-3-270m", "smollm2-135m"]),
+    type=click.Choice(list(MODELS)),
     default="gemma-3-270m",
     show_default=True,
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from .first_token import warning
 from .tasks import Item
 
 EngineError = _core.EngineError
@@ -129,6 +130,18 @@ class Model:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Tokens of text; with add_special the model's own BOS rule applies."""
         return self._m.tokenize(text, add_special, parse_special)
+
+    @property
+    def chat_template(self) -> str:
+        """The chat template of the GGUF (tokenizer.chat_template; "" when it has none)."""
+        return self._m.chat_template
+
+    def apply_chat_template(
+        self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """(role, content) messages formatted by llama.cpp's chat code as llama-server formats a
+        /v1/chat/completions request with its defaults; EngineError when the model has no template."""
+        return self._m.apply_chat_template([(str(r), str(c)) for r, c in messages], add_generation_prompt)
 
     def detokenize(self, tokens: Iterable[int]) -> str:
         return self._m.detokenize(list(tokens))
@@ -264,3 +277,9 @@ class Context:
             return self._c.logits(list(tokens))
         except _core.EngineError as e:
             raise EngineError(str(e)) from None
+
+
+def first_token_warning(model: Model, items: Sequence[Item]) -> str | None:
+    """zt_gguf.first_token's warning for these prompts on this model (None: position 0 is one token)."""
+    firsts = (toks[0] for toks in (model.tokenize(it.prompt) for it in items) if toks)
+    return warning(model.add_bos, firsts, lambda t: model.detokenize([t]))

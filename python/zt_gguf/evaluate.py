@@ -16,14 +16,17 @@ import numpy as np
 
 from . import comparison as cmp
 from . import gguf_meta, metrics, scoring
+from .chat import chat_task
 from .corrections import Correction, LogitBias, correction_from_provenance, score_matrix
-from .engine import Context, Model, describe_attention, fit_n_ctx
+from .engine import Context, Model, describe_attention, first_token_warning, fit_n_ctx
 from .errors import UserError
-from .options import EvaluateOptions
-from .results import Evaluation
+from .options import STOP_OPEN, EvaluateOptions, n_gen_for
+from .outputs import NO_BASELINE_OPEN
+from .results import Evaluation, Example
 from .tasks import Item, Task
 
 EVAL_CHUNK = 64  # items a call (the fitted KV cache holds them)
+N_EXAMPLES = 5  # items of an open-ended task shown with their continuations
 BIAS_MODES = ("stored", "off", "file")
 
 ProgressFactory = Callable[[str, int], Callable[[int, str | None], None]]
@@ -79,7 +82,11 @@ def evaluate(
     file_bias = gguf_meta.read_bias_file(options.bias_file, info) if options.bias_file else None
     prov = stored_correction_source(model_path, options)
     model = Model(model_path, gpu_layers=options.gpu_layers)
-    n_ctx = options.n_ctx or fit_n_ctx(model, task.items, EVAL_CHUNK, options.n_gen)
+    if options.chat:
+        task = chat_task(model, task, options.system)
+    no_bos = first_token_warning(model, task.items)
+    n_gen = n_gen_for(task.kind, options.n_gen)
+    n_ctx = options.n_ctx or fit_n_ctx(model, task.items, EVAL_CHUNK, n_gen)
     ctx = Context(model, n_threads=options.n_threads, n_ctx=n_ctx)
     if options.bias == "off":
         ctx.set_bias(None)
@@ -89,7 +96,10 @@ def evaluate(
     correction = correction_from_provenance(prov) if applied is not None and options.correction else None
     untuned_pass = applied is not None and options.baselines
     passes = 1 + isinstance(correction, LogitBias) + untuned_pass
-    run = _Run(ctx, options.n_gen, scoring.label_words(task.items), None)
+    stops = list(options.stop) if options.stop is not None else None
+    if stops is None:
+        stops = list(STOP_OPEN) if task.kind == "open" else scoring.label_words(task.items)
+    run = _Run(ctx, n_gen, stops, None)
     run.tick = progress("eval", passes * len(task.items)) if progress else None
 
     t0 = time.monotonic()
@@ -106,7 +116,9 @@ def evaluate(
         untuned_cf = ctx.score(cf_items, n_gen=1) if cf_items else []
 
     baselines = None
-    if task.has_answers and options.baselines:
+    if task.kind == "open":
+        baselines = {"notes": [NO_BASELINE_OPEN]} if options.baselines else None
+    elif task.has_answers and options.baselines:
         stored = correction if isinstance(correction, Correction) else None
         baselines = label_free_baselines(
             task.items, scores, cf_scores, untuned, untuned_cf, stored, options.seed
@@ -123,7 +135,29 @@ def evaluate(
         attention=attention,
         gpu_layers=model.n_gpu_layers,
         seconds=seconds,
+        kind=task.kind,
+        match=None if task.match is None else str(task.match),
+        n_gen=n_gen,
+        examples=examples(task.items, scores) if task.kind == "open" else [],
+        warnings=[no_bos] if no_bos else [],
     )
+
+
+def examples(items: Sequence[Item], scores: Sequence[Any], n: int = N_EXAMPLES) -> list[Example]:
+    """A few items of an open-ended task with their continuations (the first n, right or wrong)."""
+    out = []
+    for it, sc in zip(items[:n], scores[:n]):
+        assert it.match is not None
+        out.append(
+            Example(
+                it.id,
+                it.prompt,
+                sc.gen_text,
+                list(it.references),
+                it.match.matches(sc.gen_text, it.references),
+            )
+        )
+    return out
 
 
 def _summary(scores: Sequence[Any], items: Sequence[Item]) -> metrics.Summary:

@@ -1,4 +1,4 @@
-"""Per-item results, summaries and calibration objectives (pure functions; intervals are in stats.py).
+"""Per-item results and summaries (pure functions; objectives are in objectives.py, intervals in stats.py).
 
 The inputs are the engine's per-item scores (anything with the fields of ``engine.Scores``: choice_logprob,
 choice_n_tokens, gen_text, entropy_full, entropy_choices) and the items (``tasks.Item``); nothing here imports
@@ -18,24 +18,20 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .corrections import batch_calibration
 from .tasks import Item
 
 if TYPE_CHECKING:
     from .engine import Scores
 
 __all__ = [
-    "OBJECTIVES",
     "ItemResult",
-    "Objective",
     "Summary",
-    "get_objective",
     "item_results",
     "mutual_information",
     "parse_generation",
@@ -102,6 +98,8 @@ class ItemResult:
     entropy_full: float
     entropy_choices: float
     choice_probs: np.ndarray  # softmax over the choices' total log-likelihoods
+    # open-ended items: the first reference's log-likelihood per token after the prompt (teacher forcing)
+    answer_logprob: float | None = None
 
 
 def item_results(scores: Sequence[Scores], items: Sequence[Item]) -> list[ItemResult]:
@@ -110,6 +108,9 @@ def item_results(scores: Sequence[Scores], items: Sequence[Item]) -> list[ItemRe
         raise ValueError(f"{len(scores)} scores for {len(items)} items")
     out: list[ItemResult] = []
     for s, item in zip(scores, items, strict=True):
+        if item.open:
+            out.append(_open_result(s, item))
+            continue
         lp = np.asarray(s.choice_logprob, dtype=np.float64)
         if lp.shape != (len(item.choices),):
             raise ValueError(f"item {item.id}: {lp.shape[0]} choice scores for {len(item.choices)} choices")
@@ -127,6 +128,23 @@ def item_results(scores: Sequence[Scores], items: Sequence[Item]) -> list[ItemRe
             )
         )
     return out
+
+
+def _open_result(s: Scores, item: Item) -> ItemResult:
+    """An open-ended item: its one "choice" is the first reference, scored by teacher forcing; gen_pred is 0
+    (the reference) when the greedy continuation gives a reference under the item's match rule."""
+    assert item.match is not None
+    n_tok = max(1, int(s.choice_n_tokens[0]))
+    return ItemResult(
+        choice_pred=0,
+        choice_pred_norm=0,
+        gen_pred=0 if item.match.matches(s.gen_text, item.references) else None,
+        correct_logprob=None,
+        entropy_full=float(s.entropy_full),
+        entropy_choices=float(s.entropy_choices),
+        choice_probs=np.ones(1),
+        answer_logprob=float(s.choice_logprob[0]) / n_tok,
+    )
 
 
 # --- summaries ----------------------------------------------------------------------------------------------
@@ -175,7 +193,11 @@ def _has_answers(items: Sequence[Item]) -> bool:
 
 
 def summarize(results: Sequence[ItemResult], items: Sequence[Item]) -> Summary:
-    """Means over the items; the accuracy and log-prob fields are None unless every item has an answer."""
+    """Means over the items; the accuracy and log-prob fields are None unless every item has an answer.
+
+    Open-ended items: accuracy_generate is the exact match of the greedy continuations (under each item's
+    match rule), mean_correct_logprob the mean answer log-likelihood per token; the choice accuracies are
+    None (there is one "choice", the reference)."""
     if len(results) != len(items):
         raise ValueError(f"{len(results)} results for {len(items)} items")
     n = len(results)
@@ -184,167 +206,19 @@ def summarize(results: Sequence[ItemResult], items: Sequence[Item]) -> Summary:
         return float(np.mean(values)) if values else float("nan")
 
     labelled = _has_answers(items)
+    choice = labelled and not any(item.open for item in items)
     answers = [item.answer for item in items]
+    logprobs = [r.correct_logprob if r.answer_logprob is None else r.answer_logprob for r in results]
     return Summary(
         n=n,
-        accuracy_choice=mean([r.choice_pred == a for r, a in zip(results, answers)]) if labelled else None,
+        accuracy_choice=mean([r.choice_pred == a for r, a in zip(results, answers)]) if choice else None,
         accuracy_choice_norm=(
-            mean([r.choice_pred_norm == a for r, a in zip(results, answers)]) if labelled else None
+            mean([r.choice_pred_norm == a for r, a in zip(results, answers)]) if choice else None
         ),
         accuracy_generate=mean([r.gen_pred == a for r, a in zip(results, answers)]) if labelled else None,
         invalid_rate=mean([r.gen_pred is None for r in results]),
-        mean_correct_logprob=mean([r.correct_logprob for r in results]) if labelled else None,  # type: ignore[misc]
+        mean_correct_logprob=mean(logprobs) if labelled else None,  # type: ignore[arg-type]
         mean_entropy_full=mean([r.entropy_full for r in results]),
         mean_entropy_choices=mean([r.entropy_choices for r in results]),
         mutual_information=mutual_information(results),
     )
-
-
-# --- objectives ---------------------------------------------------------------------------------------------
-
-PerItem = Callable[[Sequence[ItemResult], Sequence[Item]], np.ndarray]
-
-
-class Objective(NamedTuple):
-    """A calibration objective: fn(results, items) -> value to maximise."""
-
-    fn: Callable[[Sequence[ItemResult], Sequence[Item]], float]
-    needs_labels: bool
-    description: str
-    # per-item values whose mean is fn (for paired comparisons); None: fn is not a mean of per-item values
-    per_item: PerItem | None = None
-
-
-def _require_answers(items: Sequence[Item]) -> list[int]:
-    answers = [item.answer for item in items]
-    if any(a is None for a in answers):
-        raise ValueError("this objective needs an answer for every item")
-    return answers  # type: ignore[return-value]
-
-
-def _correct_choice(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    answers = _require_answers(items)
-    return np.array([r.choice_pred == a for r, a in zip(results, answers)], dtype=np.float64)
-
-
-def _correct_choice_norm(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    answers = _require_answers(items)
-    return np.array([r.choice_pred_norm == a for r, a in zip(results, answers)], dtype=np.float64)
-
-
-def _correct_generate(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    answers = _require_answers(items)
-    return np.array([r.gen_pred == a for r, a in zip(results, answers)], dtype=np.float64)
-
-
-def _correct_logprob(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    _require_answers(items)
-    return np.array([r.correct_logprob for r in results], dtype=np.float64)
-
-
-def _neg_entropy_full(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    return -np.array([r.entropy_full for r in results], dtype=np.float64)
-
-
-def _neg_entropy_choices(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
-    return -np.array([r.entropy_choices for r in results], dtype=np.float64)
-
-
-def _batch_calibrated(results: Sequence[ItemResult]) -> np.ndarray | None:
-    """The choice log-probabilities after Batch Calibration on these results' own batch, [N, K].
-
-    None when the items have different numbers of choices (no common label prior)."""
-    if not results or len({len(r.choice_probs) for r in results}) != 1:
-        return None
-    with np.errstate(divide="ignore"):
-        s = np.log(np.stack([r.choice_probs for r in results]))
-    return batch_calibration(s, "the batch").log_probs(s)
-
-
-def _bc_accuracy_choice(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
-    answers = _require_answers(items)
-    lp = _batch_calibrated(results)
-    if lp is None:
-        return float(np.mean(_correct_choice(results, items))) if results else float("nan")
-    return float(np.mean(np.argmax(lp, axis=1) == np.asarray(answers)))
-
-
-def _bc_logprob(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
-    answers = _require_answers(items)
-    lp = _batch_calibrated(results)
-    if lp is None:
-        return float(np.mean(_correct_logprob(results, items))) if results else float("nan")
-    return float(np.mean(lp[np.arange(len(answers)), answers]))
-
-
-def _bc_mutual_information(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
-    lp = _batch_calibrated(results)
-    if lp is None:
-        return mutual_information(results)
-    calibrated = [ItemResult(**{**asdict(r), "choice_probs": np.exp(row)}) for r, row in zip(results, lp)]
-    return mutual_information(calibrated)
-
-
-def _mean_of(per_item: PerItem) -> Callable[[Sequence[ItemResult], Sequence[Item]], float]:
-    def fn(results: Sequence[ItemResult], items: Sequence[Item]) -> float:
-        values = per_item(results, items)
-        return float(np.mean(values)) if len(values) else float("nan")
-
-    return fn
-
-
-def _per_item_objective(per_item: PerItem, needs_labels: bool, description: str) -> Objective:
-    return Objective(_mean_of(per_item), needs_labels, description, per_item)
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "accuracy-generate": _per_item_objective(
-        _correct_generate,
-        True,
-        "accuracy of the label named by the greedy continuation (invalid = wrong), as in the released code",
-    ),
-    "accuracy-choice": _per_item_objective(
-        _correct_choice, True, "accuracy of the argmax of the choices' total log-likelihoods"
-    ),
-    "accuracy-choice-norm": _per_item_objective(
-        _correct_choice_norm, True, "accuracy of the argmax of the choices' log-likelihoods per token"
-    ),
-    "logprob": _per_item_objective(
-        _correct_logprob, True, "mean log-probability of the answer, softmax over the choices (smooth)"
-    ),
-    "neg-entropy-full": _per_item_objective(
-        _neg_entropy_full,
-        False,
-        "minus the mean full-vocabulary next-token entropy after the prompt (the paper's unsupervised mode)",
-    ),
-    "neg-entropy-choices": _per_item_objective(
-        _neg_entropy_choices, False, "minus the mean next-token entropy renormalised over the choices"
-    ),
-    "mutual-information": Objective(
-        lambda results, items: mutual_information(results),
-        False,
-        "H(mean choice distribution) - mean H(choice distribution): confident, not collapsed on one label",
-        None,
-    ),
-    # what a label-prior shift cannot give: each candidate is judged after Batch Calibration on its own
-    # calibration batch (the prior is re-estimated per candidate, so these are not per-item means: no racing)
-    "bc-accuracy-choice": Objective(
-        _bc_accuracy_choice, True, "choice accuracy after Batch Calibration on the calibration batch", None
-    ),
-    "bc-logprob": Objective(
-        _bc_logprob, True, "mean log-probability of the answer after Batch Calibration (smooth)", None
-    ),
-    "bc-mutual-information": Objective(
-        _bc_mutual_information,
-        False,
-        "mutual information of the choice distributions after Batch Calibration (label-free)",
-        None,
-    ),
-}
-
-
-def get_objective(name: str) -> Objective:
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}") from None

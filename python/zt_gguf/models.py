@@ -38,7 +38,6 @@ from .errors import UserError
 __all__ = [
     "FromModule",
     "FromWheels",
-    "KNOWN",
     "KnownModel",
     "MODELS",
     "ModelNotAvailable",
@@ -146,7 +145,6 @@ _TABLE = (
 MODELS: dict[str, KnownModel] = {m.name: m for m in _TABLE}
 TESTED: tuple[str, ...] = tuple(m.name for m in _TABLE if m.tested)
 # the models the test suite uses, by name (its callers parametrize over it); MODELS has every model
-KNOWN: dict[str, KnownModel] = {name: MODELS[name] for name in TESTED}
 
 
 def models_dir() -> Path:

@@ -92,6 +92,7 @@ def provenance_of(task: Task, options: CalibrateOptions, cal: Calibration) -> Pr
         "search": r.method,
         "objective": cal.objective,
         "scoring": cal.scoring,
+        "kind": cal.kind,
         "task_file": task.path.name,
         "task_sha256": task.sha256,
         "n_calibration": cal.n_calibration,
@@ -102,6 +103,12 @@ def provenance_of(task: Task, options: CalibrateOptions, cal: Calibration) -> Pr
         "gamma": float(r.best_gamma),
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     }
+    if task.match is not None:
+        prov["match"] = str(task.match)
+    if options.chat:
+        prov["chat"] = True
+        if options.system:
+            prov["system"] = options.system
     if cal.heldout is not None:
         prov["baseline_accuracy"] = float(getattr(cal.heldout.baseline, f"accuracy_{cal.scoring}"))
         prov["tuned_accuracy"] = float(getattr(cal.heldout.tuned, f"accuracy_{cal.scoring}"))
@@ -127,6 +134,18 @@ def comparison_provenance(comparison: Comparison | None) -> dict[str, str | floa
     elif isinstance(c, Correction):
         out["choice_correction"] = json.dumps(c.to_dict())
     return out
+
+
+NO_BASELINE_OPEN = (
+    "no output-side baseline applies to free-form answers (there is no label prior to correct): the untuned "
+    "model is the baseline"
+)
+
+
+def _baselines_section(cal: Calibration) -> dict[str, Any]:
+    if cal.comparison is not None:
+        return cal.comparison.to_dict()
+    return {"notes": [NO_BASELINE_OPEN]} if cal.kind == "open" else {}
 
 
 def build_report(
@@ -162,7 +181,13 @@ def build_report(
             workers=cal.workers,
         ),
         scoring=report.ScoringSection(
-            primary=cal.scoring, reason=cal.scoring_reason, asked=options.scoring, n_gen=options.n_gen
+            primary=cal.scoring,
+            reason=cal.scoring_reason,
+            asked=options.scoring,
+            n_gen=cal.n_gen,
+            match=None if task.match is None else str(task.match),
+            chat=options.chat,
+            system=options.system,
         ),
         baseline=None if held is None else report.HeldoutMetrics.from_summary(held.baseline),
         tuned=None if held is None else report.HeldoutMetrics.from_summary(held.tuned),
@@ -189,5 +214,5 @@ def build_report(
         written=report.WrittenSection(
             path=str(cal.written.tuned) if cal.written.tuned else None, reason=cal.not_written_reason
         ),
-        baselines={} if cal.comparison is None else cal.comparison.to_dict(),
+        baselines=_baselines_section(cal),
     )

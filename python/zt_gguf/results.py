@@ -33,8 +33,11 @@ class Plan:
     mode: str  # "supervised" | "unsupervised"
     calib: list[Item]  # the items the search sees
     held: list[Item]  # the labelled items that check the pick (empty: unverified)
-    stops: list[str]  # stop strings for generation (the label words)
+    stops: list[str]  # stop strings for generation (the label words; a newline for open-ended tasks)
     warnings: list[str]
+    kind: str = "choice"  # the task's kind (tasks.KINDS)
+    n_gen: int = 4  # tokens generated per item under generate scoring
+    content_free: list[Item] = field(default_factory=list)  # Contextual Calibration's prompts
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class Calibration:
     workers: Workers | None = None
     written: Written = field(default_factory=Written)
     report: Any = None  # the report.Report written to the report folder (None: none requested)
+    kind: str = "choice"  # the task's kind (tasks.KINDS)
+    n_gen: int = 4  # tokens generated per item under generate scoring
 
     @property
     def improved(self) -> bool | None:
@@ -96,6 +101,16 @@ class Calibration:
         if self.written.tuned is not None:
             return None
         return self.decision.reason or "no output requested"
+
+
+class Example(NamedTuple):
+    """One item of an open-ended evaluation: what the model continued the prompt with, and the verdict."""
+
+    id: str
+    prompt: str
+    continuation: str
+    references: list[str]
+    correct: bool
 
 
 @dataclass(frozen=True)
@@ -113,3 +128,8 @@ class Evaluation:
     attention: str
     gpu_layers: int
     seconds: float  # scoring the items once
+    kind: str = "choice"  # the task's kind (tasks.KINDS)
+    match: str | None = None  # open-ended: the match rule (summary.accuracy_generate is the exact match)
+    n_gen: int = 4
+    examples: list[Example] = field(default_factory=list)  # open-ended: a few items with continuations
+    warnings: list[str] = field(default_factory=list)

@@ -96,7 +96,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import get_objective
+from .objectives import get_objective
 from .search_config import METHODS, SearchConfig, SearchError, validated
 from .search_eval import Evaluator, RunStats
 from .search_events import (

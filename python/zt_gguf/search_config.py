@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .metrics import get_objective
+from .objectives import get_objective
 from .tasks import Item
 
 __all__ = ["METHODS", "SearchConfig", "SearchError", "validated"]
@@ -23,7 +23,7 @@ class SearchError(UserError, ValueError):
 @dataclass
 class SearchConfig:
     method: str = "paper"  # "paper" | "bands" | "heads"
-    objective: str = "accuracy-generate"  # a name in metrics.OBJECTIVES
+    objective: str = "accuracy-generate"  # a name in objectives.OBJECTIVES
     probe_up: float = 2.0
     probe_down: float = 0.5
     head_fraction: float = 0.4

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import Objective, item_results, summarize
+from .metrics import item_results, summarize
+from .objectives import Objective
 from .search_config import SearchConfig, SearchError
 from .search_events import SearchEvents, StageProgress
 from .search_pool import ChunkPool

@@ -13,6 +13,12 @@ Two line formats are accepted (one JSON object per line, blank lines skipped):
     Arguments win over the header. A string label must equal one of the choices after
     stripping whitespace (case-sensitive). "label" is optional.
 
+(c) open-ended: ``{"prompt": str, "answers": [str, ...], "id": str, ...}`` (or ``"answer": str``), any listed
+    reference accepted. The first reference is the one scored by teacher forcing (its log-likelihood after
+    the prompt); a greedy continuation is judged against all of them by the task's match rule
+    (zt_gguf.matching: exact, contains, number, regex), given as an argument or by a first-line header
+    ``{"zt_task": {"match": "number"}}`` (``"answer_regex"`` for the regex rule). Default: exact.
+
 Every problem raises TaskError with a one-line message "FILE:LINE: what is wrong".
 """
 
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .matching import MatchRule, MatchRuleError
 
 __all__ = [
     "MAX_LINE_BYTES",
@@ -45,17 +52,24 @@ __all__ = [
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 HEADER_KEY = "zt_task"
-HEADER_FIELDS = ("template", "choices")
+HEADER_FIELDS = ("template", "choices", "match", "answer_regex")
+KINDS = ("choice", "open")  # multiple choice (the choices are scored), open-ended (reference answers)
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021 (arXiv 2102.09690), the inputs CC averages over
 
 
 @dataclass(frozen=True)
 class Item:
     prompt: str
-    choices: tuple[str, ...]
+    choices: tuple[str, ...]  # open-ended: (references[0],), the reference scored by teacher forcing
     answer: int | None
     id: str
     where: str = dataclasses.field(default="", compare=False)  # "FILE:LINE" of a loaded item (for errors)
+    references: tuple[str, ...] = ()  # open-ended: every accepted answer; () for multiple choice
+    match: MatchRule | None = None  # open-ended: how a continuation is judged against the references
+
+    @property
+    def open(self) -> bool:
+        return bool(self.references)
 
 
 @dataclass
@@ -68,6 +82,8 @@ class Task:
     # Contextual Calibration's content-free prompts: {content-free string: the prompt with every input slot
     # filled with it}, when every item shares one template and one set of choices (None otherwise)
     content_free: dict[str, str] | None = None
+    kind: str = "choice"  # one of KINDS
+    match: MatchRule | None = None  # open-ended tasks: the match rule of every item
 
 
 class TaskError(UserError, ValueError):
@@ -90,6 +106,8 @@ def load_task(
     choices: Sequence[str] | None = None,
     max_items: int | None = None,
     allow_duplicate_choices: bool = False,
+    match: str | None = None,
+    answer_regex: str | None = None,
 ) -> Task:
     """Load and validate a JSONL task file (see the module docstring for the formats).
 
@@ -100,7 +118,7 @@ def load_task(
     path = Path(path)
     if max_items is not None and (not _is_int(max_items) or max_items < 1):
         raise _fail_at(path, None)(f"max_items must be a positive integer, got {max_items!r}")
-    reader = _Reader(path, template, choices, allow_duplicate_choices)
+    reader = _Reader(path, template, choices, allow_duplicate_choices, match, answer_regex)
     digest = hashlib.sha256()
     items: list[Item] = []
     n_lines = 0
@@ -139,6 +157,8 @@ def load_task(
         n_lines=n_lines,
         has_answers=all(item.answer is not None for item in items),
         content_free=reader.content_free(),
+        kind="open" if reader.format == "open" else "choice",
+        match=reader.rule if reader.format == "open" else None,
     )
 
 
@@ -188,6 +208,10 @@ def split_items(items: Sequence[Item], holdout: float, seed: int) -> tuple[list[
 def _fail_at(path: Path, lineno: int | None) -> Fail:
     where = f"{path}:{lineno}" if lineno is not None else str(path)
     return lambda message: TaskError(f"{where}: {' '.join(message.split())}")
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _is_int(value: Any) -> bool:
@@ -327,9 +351,19 @@ class _Reader:
     """Turns the lines of one file into items, keeping the state that spans lines."""
 
     def __init__(
-        self, path: Path, template: str | None, choices: Sequence[str] | None, allow_duplicate_choices: bool
+        self,
+        path: Path,
+        template: str | None,
+        choices: Sequence[str] | None,
+        allow_duplicate_choices: bool,
+        match: str | None = None,
+        answer_regex: str | None = None,
     ) -> None:
         self.path = path
+        self.arg_match, self.arg_regex = match, answer_regex
+        self.header_match: str | None = None
+        self.header_regex: str | None = None
+        self.rule: MatchRule | None = None  # open-ended files: set by the first item line
         self.allow_duplicate_choices = allow_duplicate_choices
         fail = _fail_at(path, None)
         if isinstance(choices, str):
@@ -340,7 +374,7 @@ class _Reader:
         self.header_template: _Template | None = None
         self.header_choices: tuple[str, ...] | None = None
         self.seen_object = False
-        self.format: str | None = None  # "prompt" or "text", set by the first item line
+        self.format: str | None = None  # "prompt", "text" or "open", set by the first item line
         self.format_line = 0
         self.template: _Template | None = None  # for "text" lines
         self.label_words: tuple[str, ...] = ()
@@ -408,7 +442,16 @@ class _Reader:
 
         line_format = "prompt" if "prompt" in obj else "text" if "text" in obj else None
         if line_format is None:
-            raise fail('expected a "prompt" key (with "choices") or a "text" key (with "label")')
+            raise fail(
+                'expected a "prompt" key (with "choices", or "answers" for an open-ended item) or a "text" '
+                'key (with "label")'
+            )
+        if (
+            line_format == "prompt"
+            and "choices" not in obj
+            and ("answers" in obj or _is_str(obj.get("answer")))
+        ):
+            line_format = "open"
         if self.format is None:
             self._start(line_format, lineno, fail)
         elif line_format != self.format:
@@ -416,10 +459,12 @@ class _Reader:
                 f'mixed formats: line {self.format_line} has "{self.format}", this line has "{line_format}"'
             )
 
+        if line_format == "open":
+            return self._open_item(obj, lineno, fail)
         if line_format == "prompt":
             prompt = _check_text(obj.get("prompt"), "prompt", fail)
             if "choices" not in obj:
-                raise fail('missing "choices"')
+                raise fail('missing "choices" (multiple choice) or "answers" (open-ended)')
             choices = _check_choices(obj["choices"], "choices", fail, self.allow_duplicate_choices)
             answer = _check_answer(obj.get("answer"), "answer", len(choices), fail)
         else:
@@ -432,6 +477,49 @@ class _Reader:
         item_id = self._id(obj, lineno, fail)
         self._content_free(obj, prompt, tuple(choices))
         return Item(prompt=prompt, choices=choices, answer=answer, id=item_id, where=f"{self.path}:{lineno}")
+
+    def _open_item(self, obj: dict[str, Any], lineno: int, fail: Fail) -> Item:
+        prompt = _check_text(obj.get("prompt"), "prompt", fail)
+        if "answers" in obj and "answer" in obj:
+            raise fail('give "answers" (a list) or "answer" (a string), not both')
+        if "answers" in obj:
+            refs = obj["answers"]
+            if not isinstance(refs, list):
+                raise fail(f'"answers" must be a list of strings, not {_show(refs)}')
+            if not refs:
+                raise fail('"answers" is empty: an open-ended item needs at least one reference answer')
+            names = [f'"answers"[{i}]' for i in range(len(refs))]
+        else:
+            refs, names = [obj["answer"]], ['"answer"']
+        for ref, name in zip(refs, names):
+            if not isinstance(ref, str):
+                raise fail(f"{name} must be a string, not {_show(ref)}")
+            if not ref.strip():
+                raise fail(f"{name} is empty")
+            _check_encodable(ref, name, fail)
+        assert self.rule is not None
+        return Item(
+            prompt=prompt,
+            choices=(refs[0],),
+            answer=0,
+            id=self._id(obj, lineno, fail),
+            where=f"{self.path}:{lineno}",
+            references=tuple(refs),
+            match=self.rule,
+        )
+
+    def _match_rule(self, fail: Fail) -> MatchRule:
+        """The open-ended file's match rule: the arguments', else the header's, else exact."""
+        from_args = self.arg_match is not None or self.arg_regex is not None
+        name = self.arg_match if from_args else self.header_match
+        pattern = self.arg_regex if from_args else self.header_regex
+        where = fail if not from_args else _fail_at(self.path, None)
+        if name is None:
+            name = "regex" if pattern is not None else "exact"
+        try:
+            return MatchRule(name, pattern)
+        except MatchRuleError as e:
+            raise where(str(e)) from None
 
     def _header(self, obj: dict[str, Any], lineno: int, fail: Fail) -> None:
         others = sorted(set(obj) - {HEADER_KEY})
@@ -448,9 +536,23 @@ class _Reader:
             self.header_template = _Template(header["template"], fail)
         if "choices" in header:
             self.header_choices = _check_choices(header["choices"], "choices", fail)
+        for key in ("match", "answer_regex"):
+            if key in header and not isinstance(header[key], str):
+                raise fail(f'"{key}" in the "{HEADER_KEY}" header must be a string, not {_show(header[key])}')
+        self.header_match, self.header_regex = header.get("match"), header.get("answer_regex")
 
     def _start(self, line_format: str, lineno: int, fail: Fail) -> None:
         self.format, self.format_line = line_format, lineno
+        if line_format == "open":
+            if self.arg_template is not None or self.arg_choices is not None:
+                raise fail('a template and choices apply only to "text" lines, this line is open-ended')
+            if self.header_template is not None or self.header_choices is not None:
+                raise fail(f'the "{HEADER_KEY}" header\'s template and choices apply only to "text" lines')
+            self.rule = self._match_rule(_fail_at(self.path, self.header_line))
+            self.cf = None
+            return
+        if self.arg_match is not None or self.arg_regex is not None or self.header_match or self.header_regex:
+            raise fail('a match rule applies only to open-ended items ("answers"), this line has choices')
         if line_format == "prompt":
             if self.arg_template is not None or self.arg_choices is not None:
                 raise fail('a template and choices apply only to "text" lines, this line has "prompt"')

@@ -166,6 +166,17 @@ class ScoringSection(_Section):
     reason: str | None = None  # why this scoring (the user's choice, or what --scoring auto measured)
     asked: str | None = None  # --scoring as given ("auto" | "generate" | "choice")
     n_gen: int  # tokens generated per item under generate scoring
+    match: str | None = None  # open-ended tasks: the match rule of the exact match ("exact", "number", ...)
+    chat: bool = False  # the prompts went through the model's chat template (--chat)
+    system: str | None = None  # with chat: the system message
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without the open-ended and chat keys where they do not apply (a multiple-choice report's shape)."""
+        out = to_jsonable(self)
+        for key, unset in (("match", None), ("chat", False), ("system", None)):
+            if out[key] == unset:
+                del out[key]
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)

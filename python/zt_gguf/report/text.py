@@ -126,6 +126,30 @@ def format_baselines(b: Mapping[str, Any], items: str = "held-out") -> list[str]
     return lines
 
 
+def _heldout_lines(report: Report) -> list[str]:
+    """Held-out accuracy untuned -> tuned for each scoring (an open-ended task: its exact match alone)."""
+    base, tuned = report.baseline, report.tuned
+    lines: list[str] = []
+    match = report.scoring.match
+    if base is not None or tuned is not None:
+        n = tuned.n if tuned is not None else base.n if base is not None else None
+        scorings = [(ACCURACY_GENERATE, "generate"), (ACCURACY_CHOICE, "choice")]
+        if match is not None:
+            scorings = [(ACCURACY_GENERATE, f"exact match, {match} rule")]
+        for key, label in scorings:
+            star = " *" if report.scoring.primary == label or match is not None else ""
+            lines.append(
+                f"held-out accuracy ({label}{star}): {_metric_pct(base, key)} -> {_metric_pct(tuned, key)}"
+                + (f" (n={n})" if n is not None else "")
+            )
+        if match is None:
+            inv_base = None if base is None else base.invalid_rate
+            inv_tuned = None if tuned is None else tuned.invalid_rate
+            lines.append(f"invalid generations: {_pct(inv_base)} -> {_pct(inv_tuned)}")
+    lines.extend(_fmt_delta(name, d) for name, d in report.delta.items())
+    return lines
+
+
 def format_summary(report: Report) -> str:
     """A short summary for the terminal, one fact per line: held-out accuracy baseline -> tuned for both
     scorings (95% intervals, in percent), the delta(s), the comparison, the chosen heads and gamma, the
@@ -139,23 +163,11 @@ def format_summary(report: Report) -> str:
     lines = [head]
     bits = [report.mode, f"search {search.method} on {search.objective}"]
     if report.scoring.primary:
-        bits.append(f"{report.scoring.primary} scoring")
+        bits.append(f"{report.scoring.primary} scoring" + (" (chat template)" if report.scoring.chat else ""))
     bits.append(f"{task.n_calibration} calibration / {task.n_heldout} held-out items")
     lines.append(", ".join(bits))
 
-    base, tuned = report.baseline, report.tuned
-    if base is not None or tuned is not None:
-        n = tuned.n if tuned is not None else base.n if base is not None else None
-        for key, label in ((ACCURACY_GENERATE, "generate"), (ACCURACY_CHOICE, "choice")):
-            star = " *" if report.scoring.primary == label else ""
-            lines.append(
-                f"held-out accuracy ({label}{star}): {_metric_pct(base, key)} -> {_metric_pct(tuned, key)}"
-                + (f" (n={n})" if n is not None else "")
-            )
-        inv_base = None if base is None else base.invalid_rate
-        inv_tuned = None if tuned is None else tuned.invalid_rate
-        lines.append(f"invalid generations: {_pct(inv_base)} -> {_pct(inv_tuned)}")
-    lines.extend(_fmt_delta(name, d) for name, d in report.delta.items())
+    lines.extend(_heldout_lines(report))
     lines.extend(format_baselines(report.baselines))
     lines.append(format_chosen(report.chosen))
 
