@@ -240,6 +240,9 @@ def check_outputs(model_path: Path, outputs: Outputs) -> None:
     """Refuse outputs that would overwrite the input model or each other."""
     if not model_path.exists():
         raise CalibrationError(f"{model_path}: no such file")
+    for out in (outputs.tuned, outputs.profile):
+        if out is not None and not out.absolute().parent.is_dir():
+            raise CalibrationError(f"{out}: the directory {out.absolute().parent} does not exist")
     if outputs.tuned is not None and _same_file(model_path, outputs.tuned):
         raise CalibrationError(
             f"{outputs.tuned}: the output would overwrite the input model; choose another -o"

@@ -17,11 +17,16 @@ import numpy as np
 from . import __version__, gguf_meta, profiles, report
 from .comparison import Comparison
 from .corrections import Correction, LogitBias
+from .errors import UserError
 from .options import CalibrateOptions
 from .results import Calibration, Written
 from .tasks import Task
 
 CHECKPOINT_NAME = "checkpoint.json"
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written where the user asked (a folder that cannot be made, no space)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,14 @@ def prepare(outputs: Outputs) -> None:
     run unless resuming."""
     if outputs.report_dir is None:
         return
-    outputs.report_dir.mkdir(parents=True, exist_ok=True)
-    if not outputs.resume and outputs.checkpoint is not None:
-        outputs.checkpoint.unlink(missing_ok=True)
+    try:
+        outputs.report_dir.mkdir(parents=True, exist_ok=True)
+        if not outputs.resume and outputs.checkpoint is not None:
+            outputs.checkpoint.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"{outputs.report_dir}: cannot use as the report folder: {e.strerror or e}"
+        ) from None
 
 
 def write_outputs(
@@ -76,7 +86,12 @@ def write_outputs(
     if outputs.report_dir is None:
         return cal
     rep = build_report(model_path, task, options, outputs, cal)
-    files = report.write_report(outputs.report_dir, rep, cal.result.bias, title=f"{model_path.name}: gamma")
+    try:
+        files = report.write_report(
+            outputs.report_dir, rep, cal.result.bias, title=f"{model_path.name}: gamma"
+        )
+    except OSError as e:
+        raise OutputError(f"{outputs.report_dir}: cannot write the report: {e.strerror or e}") from None
     return replace(cal, report=rep, written=replace(cal.written, report_files=files))
 
 
