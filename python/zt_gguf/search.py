@@ -55,7 +55,7 @@ early stopping or the checkpoint, ``n_workers``); ``"candidate"`` before each ca
 with several workers candidates finish out of order); ``"no_discrimination"`` once, when the baseline and
 the first EQUAL_PROBE_CHECK probes give exactly the same per-item values on the first chunk (the scoring
 cannot tell those candidates apart: an accuracy of a generation that never names a label, for instance).
-The names are the ``EVENT_*`` constants of zt_gguf.search_events (importable from here).
+The names are the ``EVENT_*`` constants of zt_gguf.search_events.
 
 Pools
 -----
@@ -100,11 +100,6 @@ from .objectives import get_objective
 from .search_config import METHODS, SearchConfig, SearchError, validated
 from .search_eval import Evaluator, RunStats
 from .search_events import (
-    EQUAL_PROBE_CHECK,
-    EVENT_CANDIDATE,
-    EVENT_DONE,
-    EVENT_ESTIMATE,
-    EVENT_NO_DISCRIMINATION,
     EVENT_PLAN,
     Events,
     Progress,
@@ -131,12 +126,6 @@ from .search_state import STATE_VERSION, Evaluation, SearchState, bias_hash, ite
 from .tasks import Item
 
 __all__ = [
-    "EQUAL_PROBE_CHECK",
-    "EVENT_CANDIDATE",
-    "EVENT_DONE",
-    "EVENT_ESTIMATE",
-    "EVENT_NO_DISCRIMINATION",
-    "EVENT_PLAN",
     "METHODS",
     "RACE_MIN_CHUNKS",
     "RACE_Z",
