@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from gguf import GGUFValueType
 
 from zt_gguf.testing import make_tiny_llama, write_tiny_task
 
@@ -345,11 +346,22 @@ def _exe() -> list[str]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("readme")
-    model = make_tiny_llama(d / "model.gguf", n_layer=3, seed=21).path
+    # a chat template, for the --chat lines (docs/open-ended.md)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    extra = {"tokenizer.chat_template": (template, GGUFValueType.STRING, None)}
+    model = make_tiny_llama(d / "model.gguf", n_layer=3, seed=21, extra_kv=extra).path
     for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
         shutil.copy(model, d / name)
     write_tiny_task(d / "data.jsonl", 40, seed=5, balanced=True)
     write_tiny_task(d / "test.jsonl", 20, seed=6, balanced=True)
+    # an open-ended task (docs/open-ended.md): the tiny vocabulary's words as questions and answers
+    words = ["one", "two", "three", "cat", "dog", "mat", "hello", "world"]
+    with (d / "qa.jsonl").open("w") as f:
+        for i in range(40):
+            a, b = words[i % len(words)], words[(3 * i + 1) % len(words)]
+            f.write(
+                json.dumps({"prompt": f"the {a} and the {b} sat on", "answers": [f" {words[i % 3]}"]}) + "\n"
+            )
     # the lm-eval task of the YAML block (docs/lm-eval.md), on data.jsonl (for the `zt-gguf lm-eval` lines)
     (yaml,) = all_blocks("yaml")
     (d / "tasks").mkdir()

@@ -193,6 +193,23 @@ def make_lm_class() -> type:
             )
             self.max_gen_toks = int(max_gen_toks)
 
+        # lm-eval's --apply_chat_template: the model's own template, formatted by llama.cpp's chat code (as
+        # llama-server and `zt-gguf calibrate --chat` format it)
+        @property
+        def tokenizer_name(self) -> str:
+            return f"zt-gguf:{self.scorer.path.name}"
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.scorer.model.chat_template if chat_template else ""
+
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
+            if not self.scorer.model.chat_template:
+                raise LMEvalError(f"{self.scorer.path.name} has no chat template: drop --apply_chat_template")
+            messages = [(m["role"], m["content"]) for m in chat_history]
+            return self.scorer.model.apply_chat_template(messages, add_generation_prompt)
+
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             from tqdm import tqdm
 
