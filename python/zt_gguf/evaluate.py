@@ -94,7 +94,8 @@ def evaluate(
         ctx.set_bias(file_bias)
     applied = ctx.get_bias()
     correction = correction_from_provenance(prov) if applied is not None and options.correction else None
-    untuned_pass = applied is not None and options.baselines
+    # the untuned pass feeds the output-side baselines, which an open-ended task has none of
+    untuned_pass = applied is not None and options.baselines and task.kind != "open"
     passes = 1 + isinstance(correction, LogitBias) + untuned_pass
     stops = list(options.stop) if options.stop is not None else None
     if stops is None:

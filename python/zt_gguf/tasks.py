@@ -449,8 +449,8 @@ class _Reader:
         if (
             line_format == "prompt"
             and "choices" not in obj
-            and ("answers" in obj or _is_str(obj.get("answer")))
-        ):
+            and ("answers" in obj or _is_str(obj.get("answer")) or self.format == "open")
+        ):  # in an open-ended file, a line without choices is open-ended too (its error names what it lacks)
             line_format = "open"
         if self.format is None:
             self._start(line_format, lineno, fail)
@@ -489,8 +489,10 @@ class _Reader:
             if not refs:
                 raise fail('"answers" is empty: an open-ended item needs at least one reference answer')
             names = [f'"answers"[{i}]' for i in range(len(refs))]
-        else:
+        elif "answer" in obj:
             refs, names = [obj["answer"]], ['"answer"']
+        else:
+            raise fail('missing "answers": an open-ended item needs at least one reference answer')
         for ref, name in zip(refs, names):
             if not isinstance(ref, str):
                 raise fail(f"{name} must be a string, not {_show(ref)}")

@@ -1,0 +1,135 @@
+"""The match rules of open-ended answers (zt_gguf.matching) against hand-checked cases.
+
+Each expected value below was worked out by hand from the rule's definition (SQuAD's normalisation: lower
+case, punctuation removed, the articles a / an / the removed, whitespace collapsed), not by running the code.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from zt_gguf.matching import MatchRule, MatchRuleError, normalize
+
+EXACT, CONTAINS, NUMBER = MatchRule("exact"), MatchRule("contains"), MatchRule("number")
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("The Eiffel Tower!", "eiffel tower"),  # case, punctuation, a leading article
+        ("  An   apple,\ta day ", "apple day"),  # two articles, whitespace runs and a tab
+        ("U.S.A.", "usa"),  # punctuation is removed, not replaced by a space
+        ("Rock'n'Roll", "rocknroll"),
+        ("theatre and anthem", "theatre and anthem"),  # articles only as whole words
+        ("THE", ""),
+    ],
+)
+def test_normalize_as_squad(text: str, want: str) -> None:
+    assert normalize(text) == want
+
+
+@pytest.mark.parametrize(
+    ("continuation", "references", "want"),
+    [
+        ("Paris", ["paris"], True),
+        (" The Paris.", ["Paris"], True),  # leading space, article, final full stop
+        ("PARIS\nThe capital of France.", ["Paris"], True),  # only the first line is read
+        ("London\nParis", ["Paris"], False),
+        ("\n\nParis", ["Paris"], True),  # leading blank lines are skipped
+        ("Paris is the capital", ["Paris"], False),  # exact, not contains
+        ("NYC", ["New York City", "N.Y.C."], True),  # any reference
+        ("new  york", ["New York"], True),
+        ("", ["Paris"], False),
+    ],
+)
+def test_exact_reads_the_first_line(continuation: str, references: list[str], want: bool) -> None:
+    assert EXACT.matches(continuation, references) is want
+
+
+@pytest.mark.parametrize(
+    ("continuation", "references", "want"),
+    [
+        ("It is a city in France: Paris.", ["Paris"], True),
+        ("Parisian food", ["Paris"], False),  # whole words only
+        ("I love New York City", ["new york"], True),  # several words
+        ("newyork", ["new york"], False),
+        ("York, New", ["new york"], False),
+        ("a sport that is played\nwith a Ball", ["ball"], True),  # the whole continuation, every line
+        ("the", ["The"], False),  # a reference that normalises to nothing matches nothing
+        ("a cat", ["dog", "cat"], True),
+    ],
+)
+def test_contains_whole_words(continuation: str, references: list[str], want: bool) -> None:
+    assert CONTAINS.matches(continuation, references) is want
+
+
+@pytest.mark.parametrize(
+    ("continuation", "references", "want"),
+    [
+        ("It costs 1,000 dollars", ["1000"], True),  # thousands separators
+        ("1000", ["1,000"], True),
+        ("1,234,567", ["1234567"], True),
+        ("That is 3.50", ["3.5"], True),  # decimals compared as numbers
+        ("$3.50", ["3.50"], True),
+        ("0.5", [".5"], True),
+        ("-2", ["-2"], True),
+        ("-2", ["2"], False),  # the sign counts
+        ("pages 3-5", ["5"], True),  # a hyphen after a digit is no minus sign
+        ("$18", ["18"], True),
+        ("She makes $18 a day.", [" 18"], True),  # GSM8K's references keep a leading space
+        ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18", ["18"], True),  # chain of thought: the last number wins
+        ("18 first, then 20", ["18"], False),
+        ("The answer is 18.", ["18"], True),  # a full stop after the number
+        ("no number here", ["0"], False),  # no number: wrong
+        ("", ["0"], False),
+        ("7", ["seven"], False),  # a reference without a number matches nothing
+        ("12", ["11", "12"], True),  # any reference
+    ],
+)
+def test_number_reads_the_last_number(continuation: str, references: list[str], want: bool) -> None:
+    assert NUMBER.matches(continuation, references) is want
+
+
+def test_number_extracts_nothing_without_a_number() -> None:
+    assert NUMBER.extract("none at all") is None
+    assert NUMBER.extract("2 then 3,000.5") == repr(3000.5)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "continuation", "references", "want"),
+    [
+        (r"answer is (\w+)", "So the answer is Paris, of course.", ["paris"], True),
+        (r"answer is (\w+)", "So the answer is London.", ["Paris"], False),
+        (r"answer is (\w+)", "I do not know.", ["Paris"], False),  # no match: wrong
+        (r"\(([A-D])\)", "I pick (B) because", ["b"], True),  # the group is normalised
+        (r"#### (.+)", "work...\n#### The Nile", ["Nile"], True),  # searched in the whole continuation
+        (r"(?:answer: (\d+))?", "no answer", ["1"], False),  # the group did not take part: wrong
+        (r"(?P<a>\d+) apples", "5 apples", ["5"], True),  # a named group is the one group
+    ],
+)
+def test_regex_reads_its_one_group(
+    pattern: str, continuation: str, references: list[str], want: bool
+) -> None:
+    assert MatchRule("regex", pattern).matches(continuation, references) is want
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "message"),
+    [
+        ("regex", r"answer is \w+", "exactly one group, has 0"),
+        ("regex", r"(\w+) is (\w+)", "exactly one group, has 2"),
+        ("regex", r"(unclosed", "is not a regular expression"),
+        ("regex", None, "needs an answer regex"),
+        ("exact", r"(\w+)", "needs an answer regex"),  # only the regex rule takes one
+        ("fuzzy", None, "unknown match rule"),
+    ],
+)
+def test_unusable_rules_are_refused(name: str, pattern: str | None, message: str) -> None:
+    with pytest.raises(MatchRuleError, match=message):
+        MatchRule(name, pattern)
+
+
+def test_a_non_capturing_group_does_not_count() -> None:
+    rule = MatchRule("regex", r"(?:the )?answer: (\w+)")
+    assert rule.matches("the answer: cat", ["cat"])
+    assert str(rule) == "regex:(?:the )?answer: (\\w+)"
