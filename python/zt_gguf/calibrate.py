@@ -481,6 +481,8 @@ def decide(
             )
     if not np.any(bias):
         reason = "the search kept the baseline (no candidate beat it on the calibration items)"
+    elif kind == "open" and heldout is None and not force:
+        reason = "no held-out items checked the tuned model's exact match (use --holdout > 0, or --force)"
     elif improved is False and not force:
         reason = (
             _not_better(kind)

@@ -161,6 +161,7 @@ class EngineScorer:
 
 def make_lm_class() -> type:
     """The lm-eval LM subclass (lm-eval is imported here, not at module import)."""
+    # long because: the class is defined inside the function, so that lm-eval is imported only when used
     LM = _import_lm_eval()
 
     class ZtGgufLM(LM):  # type: ignore[misc, valid-type]
