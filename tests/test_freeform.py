@@ -9,6 +9,7 @@ calibrate documents it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -456,3 +457,61 @@ def test_chat_on_a_model_without_a_template_is_one_line(tiny: Path, tmp_path: Pa
 def test_a_multiple_choice_file_still_has_no_match_rule(tmp_path: Path) -> None:
     task = load_task(write_tiny_task(tmp_path / "mc.jsonl", 4))
     assert task.kind == "choice" and task.match is None and all(not it.open for it in task.items)
+
+
+def test_kill_9_during_an_open_ended_calibration_then_resume(tmp_path: Path) -> None:
+    """issue 25 item 5: kill -9 at random moments of an open-ended `calibrate`, rerun each time with the same
+    arguments: the input is never touched, the output is absent or complete, no temporary file is left, and
+    the run that completes resumes from the checkpoint to the result of an uninterrupted run."""
+    import random
+    import signal
+
+    from test_reliability import _check_output, _kill_after, _leftovers, _sha, _tensor_data, _zt
+
+    model = make_tiny_llama(tmp_path / "mid.gguf", n_layer=4, n_head=8, n_head_kv=4, head_dim=32, n_ff=256)
+    before, data = _sha(model.path), _tensor_data(model.path)
+    words = ["one", "two", "three", "cat", "dog", "mat", "hello", "world"]
+    prompts = _prompts(240, 4)
+    rows = [{"prompt": f"the {p} sat on the", "answers": [f" {words[i % 8]}"]} for i, p in enumerate(prompts)]
+    task = _write(tmp_path / "open.jsonl", rows)
+    task_sha = _sha(task)
+    args = ["--threads", "1", "--objective", "answer-logprob", "--grid-up", "1.5,2,3,4", "--grid-down", "0.5",
+            "--no-early-stop", "--n-gen", "4", "--force", "--quiet", "--json"]  # fmt: skip
+    ref_out = tmp_path / "ref" / "tuned.gguf"
+    ref_out.parent.mkdir()
+    t0 = time.monotonic()
+    res = _zt("calibrate", model.path, "--task", task, "-o", ref_out, *args)
+    t_ref = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref = json.loads(res.stdout)
+    ref_bias = read_model_info(ref_out).biases
+    assert ref_bias is not None and np.any(ref_bias)
+
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    out, rep = out_dir / "tuned.gguf", out_dir / "tuned.report"
+    run_args: list[str | Path] = ["calibrate", model.path, "--task", task, "-o", out, *args]
+    allowed = ("tuned.gguf", "checkpoint.json", "report.json", "heatmap.png", "accuracy.png", "report.html")
+    rng = random.Random(7)
+    phases = []
+    for i in range(5):
+        rc = _kill_after(run_args, rng.uniform(0.2, 0.7) * t_ref)
+        assert rc in (0, -signal.SIGKILL)
+        assert not _leftovers(out_dir, allowed=allowed), f"kill {i}"
+        if out.exists():
+            _check_output(out, ref_bias, data)
+        if rc == 0:
+            phases.append("completed")
+            break
+        done = 0
+        if (rep / "checkpoint.json").exists():
+            done = len(json.loads((rep / "checkpoint.json").read_text())["evaluations"])
+        phases.append(f"{done} candidates done")
+    res = _zt(*run_args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = json.loads(res.stdout)
+    _check_output(out, ref_bias, data)
+    for key in ("chosen", "baseline", "tuned", "delta", "scoring"):
+        assert final[key] == ref[key], key
+    assert _sha(model.path) == before and _sha(task) == task_sha
+    assert any(p.endswith("candidates done") and not p.startswith("0 ") for p in phases), phases
