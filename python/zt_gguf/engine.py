@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _core
+from . import _core, gguf_meta
 from .first_token import warning
 from .tasks import Item
 
@@ -104,6 +104,11 @@ class Model:
         self.path = Path(path)
         if gpu_layers is not None and gpu_layers < 0:
             raise ValueError(f"gpu_layers must be >= 0 (or None for all), not {gpu_layers}")
+        if self.path.is_file():  # (a missing path: the engine's own "cannot open" error)
+            try:  # what would make llama.cpp abort instead of refusing the file
+                gguf_meta.check_model(self.path)
+            except gguf_meta.GGUFMetaError as e:
+                raise EngineError(str(e)) from None
         try:
             self._m = _core.Model(str(self.path), -1 if gpu_layers is None else gpu_layers)
         except _core.EngineError as e:

@@ -6,6 +6,8 @@
   read_model_info, validate_biases, read_bias_file, read_provenance.
 - :mod:`.edit`: write_tuned, apply_biases, strip and write_bias_gguf, which write atomically and never
   modify the input.
+- :mod:`.preflight`: check_model, the checks a model file passes before llama.cpp is given it (what would
+  make llama.cpp abort instead of returning an error); zt_gguf.engine.Model runs it.
 
 Every problem of a file raises GGUFMetaError (a zt_gguf.errors.UserError) with a one-line message naming the
 file (and the key).
@@ -27,6 +29,7 @@ from .keys import (
     read_provenance,
     validate_biases,
 )
+from .preflight import PER_LAYER_KV_ARCHS, check_model
 from .scan import MAGIC, MAX_DECODED_STRING_ARRAY, GGUFMetaError, read_layout
 
 _scan = read_layout  # the name the fuzz and reliability tests use
@@ -37,12 +40,14 @@ __all__ = [
     "MAX_BIAS_VALUES",
     "MAX_DECODED_STRING_ARRAY",
     "MAX_LAYERS",
+    "PER_LAYER_KV_ARCHS",
     "PROVENANCE_PREFIX",
     "GGUFMetaError",
     "ModelInfo",
     "ProvenanceValue",
     "apply_biases",
     "bias_key",
+    "check_model",
     "read_bias_file",
     "read_layout",
     "read_model_info",
