@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include <stdexcept>
+
 #include "gguf.h"
 
 #include <algorithm>
@@ -135,10 +137,16 @@ model::~model() {
 
 std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
     std::vector<llama_token> res(text.size() + 8);
-    int32_t n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), res.data(), (int32_t) res.size(), add_special, parse_special);
-    if (n < 0) {
-        res.resize(-n);
+    int32_t n = 0;
+    try {
         n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), res.data(), (int32_t) res.size(), add_special, parse_special);
+        if (n < 0) {
+            res.resize(-n);
+            n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), res.data(), (int32_t) res.size(), add_special, parse_special);
+        }
+    } catch (const std::out_of_range &) {
+        // an SPM vocabulary without the <0xXX> byte tokens cannot spell a character it has no token for
+        throw error("tokenization failed: the vocabulary has no token for a byte of the text (no <0xXX> byte tokens)");
     }
     if (n < 0) {
         throw error("tokenization failed");
