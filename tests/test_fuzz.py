@@ -19,6 +19,10 @@ Two bounded runs:
   builds it first when ZT_GGUF_FUZZ=1 (set by .ci/run, so CI always runs it); otherwise it is skipped with
   that reason. benchmarks/bench_fuzz.sh records a longer run.
 
+* test_task_loader_fuzz: TASK_RUNS executions of benchmarks/fuzz_tasks.py, the fuzzer of the task loader and
+  of the match rules of open-ended items (a smoke run; results/fuzz_tasks.md records 1,000,000), and
+  test_task_loader_fuzz_reports_planted_bugs: the harness finds the bugs planted in a loader.
+
 Inputs that reach a known crash (the "Known findings" of cpp/fuzz/fuzz_attn_ftb.cpp) are counted and not
 loaded: K1 (block_count 0 or > 512: gguf_meta refuses these before the engine sees them, llama.cpp would
 abort) and K2 (unequal per-layer head_count_kv in a llama-arch file: upstream's GGML_ASSERT). K4 (unequal
@@ -629,3 +633,108 @@ def test_asan_fuzz(fuzz_dir: Path) -> None:
     stats = {line.split()[1]: int(line.split()[2]) for line in out.splitlines() if line.startswith("stat ")}
     print("\nasan fuzz:", json.dumps(stats))
     assert stats["loaded_bias_on"] > 0 and stats["loaded_bias_ignored"] > 0 and stats["set_ok"] > 0
+
+
+# --- the task loader's fuzzer (benchmarks/fuzz_tasks.py) --------------------------------------------------
+
+TASK_RUNS = 600  # executions of benchmarks/fuzz_tasks.py per CI run (a few seconds); 1,000,000 outside CI
+FUZZ_TASKS = ROOT / "benchmarks" / "fuzz_tasks.py"
+
+
+def _run_fuzz_tasks(work: Path, n: int, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """benchmarks/fuzz_tasks.py run as a script (tests do not import benchmarks); its summary."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(FUZZ_TASKS),
+            "--executions",
+            str(n),
+            "--seed",
+            str(SEED),
+            "--work",
+            str(work),
+            *args,
+        ],
+        capture_output=True,
+        timeout=CHILD_TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
+    summary_path = work / "summary.json"
+    assert summary_path.exists(), res.stderr.decode(errors="replace")[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert res.returncode == (1 if summary["findings"] else 0), res.stderr.decode(errors="replace")[-3000:]
+    return summary
+
+
+def test_task_loader_fuzz(tmp_path: Path) -> None:
+    """TASK_RUNS inputs of the task loader's fuzzer: no finding, and every format loaded and refused."""
+    summary = _run_fuzz_tasks(tmp_path, TASK_RUNS)
+    c = summary["counts"]
+    print(f"\ntask loader fuzz: {json.dumps(c, sort_keys=True)}")
+    assert not summary["findings"], "\n".join(f"{f['index']}: {f['what']}" for f in summary["findings"][:10])
+    for fmt in ("prompt", "text", "open"):
+        assert c[f"exec_{fmt}"] == TASK_RUNS // 3
+        # unmutated inputs loaded exactly as built; mutated ones loaded or refused with one line
+        assert (
+            c[f"valid_{fmt}"] >= 10 and c[f"loaded_{fmt}"] > c[f"valid_{fmt}"] and c[f"refused_{fmt}"] >= 50
+        )
+    assert (
+        c["variant_text_args"]
+        and c["variant_text_header"]
+        and c["variant_open_header"]
+        and c["variant_open_args"]
+    )
+    assert all(c.get(f"open_rule_{rule}", 0) >= 3 for rule in ("exact", "contains", "number", "regex"))
+    assert c["match_calls"] >= 200 and c.get("match_exact_True", 0) and c.get("match_number_True", 0)
+
+
+_PLANTED = textwrap.dedent(
+    """
+    import dataclasses, hashlib, os, time
+    from zt_gguf.matching import MatchRule
+    from zt_gguf.tasks import TaskError, load_task
+
+    class BadRule(MatchRule):
+        def matches(self, continuation, references):
+            return 1
+
+    def planted(path, **kwargs):
+        h = hashlib.sha256(path.read_bytes()).digest()[0]
+        if h % 50 == 1:
+            raise KeyError("planted")
+        if h % 50 == 2:
+            raise TaskError(f"{path}:1: two\\nlines")
+        if h % 100 == 3:
+            time.sleep(600)  # a hang
+        if h % 100 == 4:
+            os._exit(3)  # a crash
+        task = load_task(path, **kwargs)
+        if h % 50 in (5, 6):
+            task.has_answers = not task.has_answers
+        if task.kind == "open" and h >= 128:
+            bad = BadRule("exact")
+            task.match = bad
+            task.items = [dataclasses.replace(it, match=bad) for it in task.items]
+        return task
+    """
+)
+
+
+def test_task_loader_fuzz_reports_planted_bugs(tmp_path: Path) -> None:
+    """The harness itself: a loader with planted bugs (another exception, a two-line message, a wrong
+    has_answers, a match rule returning a non-bool, a hang, a crash) gives those findings, and the counts
+    stay exact across the restarts."""
+    (tmp_path / "planted_loader.py").write_text(_PLANTED)
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    args = ("--loader", "planted_loader:planted", "--time-limit", "2")
+    summary = _run_fuzz_tasks(tmp_path / "work", 300, *args, env={"PYTHONPATH": pythonpath})
+    what = [f["what"] for f in summary["findings"]]
+    assert any("raised KeyError" in w for w in what)
+    assert any("a message of 2 lines" in w for w in what)
+    assert any("has_answers disagrees" in w for w in what)
+    assert any("matches returned 1" in w for w in what)
+    assert any("a hang" in w for w in what)
+    assert any("the child died (exit 3)" in w for w in what)
+    c = summary["counts"]
+    assert sum(c[f"exec_{f}"] for f in ("prompt", "text", "open")) == 300
+    assert c["hang_or_crash"] == sum("a hang" in w or "child died" in w for w in what)

@@ -6,6 +6,8 @@ case, punctuation removed, the articles a / an / the removed, whitespace collaps
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from zt_gguf.matching import MatchRule, MatchRuleError, normalize
@@ -122,11 +124,60 @@ def test_regex_reads_its_one_group(
         ("regex", None, "needs an answer regex"),
         ("exact", r"(\w+)", "needs an answer regex"),  # only the regex rule takes one
         ("fuzzy", None, "unknown match rule"),
+        # found by benchmarks/fuzz_tasks.py (re.compile raised RecursionError, OverflowError; a 2 MB regex
+        # took seconds to compile)
+        ("regex", "(" * 1000 + "a" + ")" * 1000, "is not a regular expression: nested too deeply"),
+        ("regex", "a{4294967296}(x)", "is not a regular expression: the repetition number is too large"),
+        ("regex", "(x)" + "y" * 10_000, "is 10,003 characters long, more than 10,000"),
     ],
 )
 def test_unusable_rules_are_refused(name: str, pattern: str | None, message: str) -> None:
     with pytest.raises(MatchRuleError, match=message):
         MatchRule(name, pattern)
+
+
+def test_long_names_and_regexes_are_cut_in_messages() -> None:
+    for name, pattern in (("x" * 3000, None), ("regex", "(" * 3000), ("regex", "(x)(y)" * 500)):
+        with pytest.raises(MatchRuleError) as info:
+            MatchRule(name, pattern)
+        assert len(str(info.value)) < 200 and "..." in str(info.value)
+
+
+# a repeat inside a repeat: re tries every way of splitting the text between the two when it does not match
+# (worked out by hand; "(a+)+$" on 30 a's and a b is 2**30 tries, minutes; found by benchmarks/fuzz_tasks.py,
+# where "((?:\w+\s?)+)\.$" on a 60-character sentence without the period hung eval)
+REPEATED_REPEATS = [
+    r"(a+)+$",
+    r"((?:\w+\s?)+)\.$",
+    r"(\d+)*x",
+    r"((?:a*)*)b",
+    r"((?:\d{1,3})+)x",  # a bounded repeat of a variable count
+    r"(a+?)+?$",  # lazy
+    r"(?:(a)|b+)+",  # in one branch
+    r"(?=((?:a|b+)+))c",  # in a lookahead
+]
+# repeats that are not repeated, or that cannot split a text two ways
+SAFE_REPEATS = [
+    r"answer is (\w+)",
+    r"([\w ]+)\.",  # a repeated character class
+    r"(?:ab?)+(x)",  # the inner repeat takes at most one
+    r"(?:\d{3})+(x)",  # a fixed count
+    r"(\w+) \w+",  # repeats side by side
+    r"(?:answer: (\d+))?",  # an optional group
+]
+if sys.version_info >= (3, 11):  # possessive repeats and atomic groups do not backtrack
+    SAFE_REPEATS += [r"((?:\w++\s?)+)\.", r"((?>\w+\s?)+)\."]
+
+
+@pytest.mark.parametrize("pattern", REPEATED_REPEATS)
+def test_a_repeated_repeat_is_refused(pattern: str) -> None:
+    with pytest.raises(MatchRuleError, match="repeats a repeat"):
+        MatchRule("regex", pattern)
+
+
+@pytest.mark.parametrize("pattern", SAFE_REPEATS)
+def test_other_repeats_are_accepted(pattern: str) -> None:
+    assert MatchRule("regex", pattern).pattern == pattern
 
 
 def test_a_non_capturing_group_does_not_count() -> None:

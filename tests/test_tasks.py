@@ -3,6 +3,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonl" 
 
 GOOD = {"prompt": "Review: fine\nSentiment:", "choices": [" negative", " positive"], "answer": 1}
 HEADER = {"zt_task": {"template": "Review: {text}\nSentiment:", "choices": [" negative", " positive"]}}
+OPEN = {"prompt": "Q: capital of France?\nA:", "answers": [" Paris"]}
 
 
 def jl(*objs: object) -> bytes:
@@ -244,6 +246,54 @@ BROKEN = [
         "not the string",
     ),
     ("max-items-zero", jl(GOOD), {"max_items": 0}, None, "max_items must be a positive integer"),
+    # found by benchmarks/fuzz_tasks.py: a RecursionError and an OverflowError from re.compile, an answer
+    # regex that backtracks exponentially (eval hung), messages quoting a 3,000-character rule name or regex
+    (
+        "header-regex-nested-too-deeply",
+        jl({"zt_task": {"answer_regex": "(" * 1000 + "a" + ")" * 1000}}, OPEN),
+        {},
+        1,
+        "is not a regular expression: nested too deeply",
+    ),
+    ("arg-regex-repeat-too-large", jl(OPEN), {"answer_regex": "a{4294967296}(x)"}, None, "too large"),
+    (
+        "header-regex-repeated-repeat",
+        jl({"zt_task": {"match": "regex", "answer_regex": r"((?:\w+\s?)+)\.$"}}, OPEN),
+        {},
+        1,
+        "repeats a repeat",
+    ),
+    ("arg-regex-repeated-repeat", jl(OPEN), {"answer_regex": r"(a+)+$"}, None, "repeats a repeat"),
+    ("header-regex-too-long", jl({"zt_task": {"answer_regex": "(x)" + "y" * 20_000}}, OPEN), {}, 1, "20,003"),
+    (
+        "header-match-long-name",
+        jl({"zt_task": {"match": "x" * 3000}}, OPEN),
+        {},
+        1,
+        "unknown match rule 'xxx",
+    ),
+    ("arg-regex-long-and-bad", jl(OPEN), {"answer_regex": "(" * 3000}, None, "not a regular expression"),
+    (
+        "answer-4300-digits",  # the most digits Python converts: the message quoted them all
+        jl('{"prompt": "p", "choices": [" a", " b"], "answer": ' + "9" * 4300 + "}"),
+        {},
+        1,
+        '"answer" 99999',
+    ),
+    (
+        "template-long-field",
+        jl({"text": "t", "label": 0}),
+        {"template": "{" + "f" * 5000 + "}{text}", "choices": [" a", " b"]},
+        1,
+        "is not a key of this line",
+    ),
+    (
+        "template-long-field-conversion",
+        jl({"text": "t", "label": 0}),
+        {"template": "{" + "f" * 5000 + "!r}{text}", "choices": [" a", " b"]},
+        None,
+        "is not a plain {field} placeholder",
+    ),
     (
         "long-line",
         jl(GOOD, b'{"prompt": "' + b"a" * (17 * 2**20) + b'", "choices": [" a", " b"]}'),
@@ -310,6 +360,31 @@ def test_line_length_limit(tmp_path: Path) -> None:
     over = write(tmp_path, b" " * (MAX_LINE_BYTES + 1) + b"\n" + jl(GOOD), "b.jsonl")
     with pytest.raises(TaskError, match=r"b\.jsonl:1: line is longer"):
         load_task(over)
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("t\nx.jsonl", "t\\nx.jsonl"),
+        ("t\u2028x.jsonl", "t\\u2028x.jsonl"),
+        ("t\tx.jsonl", "t\\tx.jsonl"),
+        (os.fsdecode(b"t\xffx.jsonl"), "t\\udcffx.jsonl"),  # an undecodable byte: a lone surrogate in str
+        ("a b:é.jsonl", "a b:é.jsonl"),  # printable: as it is
+    ],
+)
+def test_odd_file_names_stay_on_one_line(tmp_path: Path, name: str, shown: str) -> None:
+    """A file name with a newline, a line separator, a tab or an undecodable byte (found by
+    benchmarks/fuzz_tasks.py) is escaped in messages, Item.where and default ids: one line, valid UTF-8."""
+    path = write(tmp_path, jl(GOOD, good(answer=9)), name)
+    with pytest.raises(TaskError) as info:
+        load_task(path)
+    assert str(info.value).startswith(f"{tmp_path}/{shown}:2: "), str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+    path.write_bytes(jl(GOOD))
+    (item,) = load_task(path).items
+    assert item.where == f"{tmp_path}/{shown}:1"
+    assert item.id == shown.removesuffix(".jsonl") + ":1"
+    item.id.encode("utf-8")  # no lone surrogate
 
 
 def test_prompt_format(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@
 * ``number``: the last number in the continuation equals the reference's number ("1,000", "3.50", "-2",
   "$18" all read as numbers; for chain-of-thought continuations, the final number is the answer);
 * ``regex``: the first group of a user's regular expression (searched in the continuation) equals a
-  reference after normalisation.
+  reference after normalisation. A regex that repeats a repeat (``(a+)+``, ``((?:\\w+ ?)+)\\.``) is refused:
+  Python's re can take exponential time on such a pattern when a continuation does not match.
 
 Pure functions; nothing here knows the engine.
 """
@@ -18,8 +19,16 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+try:  # Python >= 3.11
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 RULES = ("exact", "contains", "number", "regex")
 
@@ -28,6 +37,8 @@ _PUNCT = set(string.punctuation)
 # a number as people write it: an optional sign, digits with optional thousands commas, optional decimals
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w\d])-?\.\d+")
 NUMBER_REL_TOL = 1e-9
+SHOWN_CHARS = 60  # of a rule name or a regex quoted in an error message
+MAX_PATTERN_CHARS = 10_000  # a longer answer regex is refused (re compiles a 2 MB one in seconds)
 
 
 class MatchRuleError(ValueError):
@@ -64,6 +75,46 @@ def same_number(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=NUMBER_REL_TOL, abs_tol=NUMBER_REL_TOL)
 
 
+def _shown(text: str) -> str:
+    """repr() of a user's string for an error message, cut to SHOWN_CHARS."""
+    return repr(text) if len(text) <= SHOWN_CHARS else repr(text[: SHOWN_CHARS - 3]) + "..."
+
+
+_BACKTRACKING_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT)
+_POSSESSIVE_REPEAT = getattr(_sre, "POSSESSIVE_REPEAT", None)  # Python >= 3.11
+_ATOMIC_GROUP = getattr(_sre, "ATOMIC_GROUP", None)
+
+
+def repeats_a_repeat(pattern: str) -> bool:
+    r"""Whether a regex repeats (+, *, {m,n} with n > 1) a part holding a repeat of a variable count ((a+)+,
+    (?:\w+\s?)*, (\d{1,3})+): the shape on which re backtracks exponentially when the text does not match.
+    Possessive repeats and atomic groups (Python >= 3.11) do not backtrack and are not counted."""
+
+    def walk(items: Iterable[tuple[Any, Any]], in_repeat: bool) -> bool:
+        for op, av in items:
+            if op in _BACKTRACKING_REPEATS:
+                lo, hi, sub = av
+                if in_repeat and hi > 1 and hi > lo:
+                    return True
+                if walk(sub, in_repeat or hi > 1):
+                    return True
+            elif op is _POSSESSIVE_REPEAT or op is _ATOMIC_GROUP:  # nothing inside is tried again
+                if walk(av[-1] if op is _POSSESSIVE_REPEAT else av, False):
+                    return True
+            elif op is _sre.SUBPATTERN or op in (_sre.ASSERT, _sre.ASSERT_NOT):
+                if walk(av[-1], in_repeat):
+                    return True
+            elif op is _sre.BRANCH:
+                if any(walk(alt, in_repeat) for alt in av[1]):
+                    return True
+            elif op is _sre.GROUPREF_EXISTS:
+                if any(walk(alt, in_repeat) for alt in av[1:] if alt is not None):
+                    return True
+        return False
+
+    return walk(_sre_parse.parse(pattern), False)
+
+
 @dataclass(frozen=True)
 class MatchRule:
     """How a continuation is judged against the references."""
@@ -73,21 +124,33 @@ class MatchRule:
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
-            raise MatchRuleError(f"unknown match rule {self.name!r}; choose from {', '.join(RULES)}")
+            raise MatchRuleError(f"unknown match rule {_shown(self.name)}; choose from {', '.join(RULES)}")
         if (self.name == "regex") != (self.pattern is not None):
             raise MatchRuleError(
                 "the regex match rule needs an answer regex (--answer-regex), and only it takes one"
             )
         if self.pattern is not None:
+            if len(self.pattern) > MAX_PATTERN_CHARS:
+                raise MatchRuleError(
+                    f"the answer regex {_shown(self.pattern)} is {len(self.pattern):,} characters long, "
+                    f"more than {MAX_PATTERN_CHARS:,}"
+                )
             try:
                 groups = re.compile(self.pattern).groups
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError) as e:  # {m,n} past 2**32 - 1; deep nesting
+                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
                 raise MatchRuleError(
-                    f"the answer regex {self.pattern!r} is not a regular expression: {e}"
+                    f"the answer regex {_shown(self.pattern)} is not a regular expression: {why}"
                 ) from None
             if groups != 1:
                 raise MatchRuleError(
-                    f"the answer regex {self.pattern!r} must have exactly one group, has {groups}"
+                    f"the answer regex {_shown(self.pattern)} must have exactly one group, has {groups}"
+                )
+            if repeats_a_repeat(self.pattern):
+                raise MatchRuleError(
+                    f"the answer regex {_shown(self.pattern)} repeats a repeat (like (a+)+ or (?:\\w+ ?)+), "
+                    "which can take exponential time on a continuation that does not match: repeat a "
+                    "character class instead ([\\w ]+), or make the inner repeat possessive (\\w++)"
                 )
 
     def __str__(self) -> str:

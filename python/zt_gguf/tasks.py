@@ -205,8 +205,15 @@ def split_items(items: Sequence[Item], holdout: float, seed: int) -> tuple[list[
 # --- helpers -------------------------------------------------------------------------------
 
 
+def _printable(text: str) -> str:
+    """A file name as messages and ids show it: what is not printable (a newline, a line separator, a control
+    character, the lone surrogate of an undecodable byte) escaped, so that a message stays one line and an id
+    is valid UTF-8."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _fail_at(path: Path, lineno: int | None) -> Fail:
-    where = f"{path}:{lineno}" if lineno is not None else str(path)
+    where = _printable(str(path)) + (f":{lineno}" if lineno is not None else "")
     return lambda message: TaskError(f"{where}: {' '.join(message.split())}")
 
 
@@ -225,6 +232,11 @@ def _show(value: Any, limit: int = 60) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:  # unpaired surrogates: escape everything
         text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A user's text (a template's field name) for a message, cut to limit characters."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -307,7 +319,7 @@ def _check_answer(value: Any, name: str, n_choices: int, fail: Fail) -> int | No
     if not _is_int(value):
         raise fail(f'"{name}" must be an integer index, not {_show(value)}')
     if not 0 <= value < n_choices:
-        raise fail(f'"{name}" {value} is out of range for {n_choices} choices')
+        raise fail(f'"{name}" {_show(value)} is out of range for {n_choices} choices')
     return value
 
 
@@ -325,7 +337,7 @@ class _Template:
         for literal, field, spec, conversion in parsed:
             if field is not None and (not field.isidentifier() or spec or conversion):
                 raise fail(
-                    f"template {_show(text)}: {{{field}}} is not a plain {{field}} placeholder"
+                    f"template {_show(text)}: {{{_cut(field)}}} is not a plain {{field}} placeholder"
                     ' (write "{{" and "}}" for literal braces)'
                 )
             self.parts.append((literal, field))
@@ -339,10 +351,12 @@ class _Template:
             if field is None:
                 continue
             if field not in obj:
-                raise fail(f'the template\'s {{{field}}} is not a key of this line ("{field}" is missing)')
+                shown = _cut(field)
+                raise fail(f'the template\'s {{{shown}}} is not a key of this line ("{shown}" is missing)')
             value = obj[field]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise fail(f'the template\'s {{{field}}}: "{field}" must be a string or a number')
+                shown = _cut(field)
+                raise fail(f'the template\'s {{{shown}}}: "{shown}" must be a string or a number')
             out.append(value if isinstance(value, str) else str(value))
         return "".join(out)
 
@@ -360,6 +374,7 @@ class _Reader:
         answer_regex: str | None = None,
     ) -> None:
         self.path = path
+        self.shown = _printable(str(path))  # the path as messages and Item.where show it
         self.arg_match, self.arg_regex = match, answer_regex
         self.header_match: str | None = None
         self.header_regex: str | None = None
@@ -476,7 +491,7 @@ class _Reader:
             answer = self._label(obj.get("label"), fail)
         item_id = self._id(obj, lineno, fail)
         self._content_free(obj, prompt, tuple(choices))
-        return Item(prompt=prompt, choices=choices, answer=answer, id=item_id, where=f"{self.path}:{lineno}")
+        return Item(prompt=prompt, choices=choices, answer=answer, id=item_id, where=f"{self.shown}:{lineno}")
 
     def _open_item(self, obj: dict[str, Any], lineno: int, fail: Fail) -> Item:
         prompt = _check_text(obj.get("prompt"), "prompt", fail)
@@ -505,7 +520,7 @@ class _Reader:
             choices=(refs[0],),
             answer=0,
             id=self._id(obj, lineno, fail),
-            where=f"{self.path}:{lineno}",
+            where=f"{self.shown}:{lineno}",
             references=tuple(refs),
             match=self.rule,
         )
@@ -592,7 +607,7 @@ class _Reader:
     def _id(self, obj: dict[str, Any], lineno: int, fail: Fail) -> str:
         value = obj.get("id")
         if value is None:
-            item_id = f"{self.path.stem}:{lineno}"
+            item_id = f"{_printable(self.path.stem)}:{lineno}"
         elif _is_int(value):
             item_id = str(value)
         elif isinstance(value, str) and value:
