@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import math
 import multiprocessing
@@ -1011,7 +1012,7 @@ Open or accepted:
 """
 
 
-def write_record(summary: Summary, dst: Path, command: str) -> None:
+def write_record(summary: Summary, dst: Path, command: str, atheris: dict[str, Any] | None = None) -> None:
     c = summary.counts
     cpu = "?"
     try:
@@ -1035,31 +1036,36 @@ def write_record(summary: Summary, dst: Path, command: str) -> None:
         f"- input {f['index']} ({f['format']}; {', '.join(f['mutations'])}): {f['what'][:300]}"
         for f in summary.findings[:50]
     )
+    rate = summary.executions / max(summary.seconds, 1e-9)
     text = f"""# Fuzzing the task loader and the match rules
 
 Command: `{command}` ({summary.executions:,} executions, seed {summary.seed})
 Date: {summary.date}
-Machine: {cpu}, {os.cpu_count()} cores shared with other work (one fuzzing process), {platform.platform()},
-Python {platform.python_version()}
-Time: {summary.seconds:,.0f} s ({summary.executions / max(summary.seconds, 1e-9):,.0f} executions/s)
+Machine: {cpu}, {os.cpu_count()} cores shared with other work (one fuzzing process),
+{platform.platform()}, Python {platform.python_version()}
+Time: {summary.seconds:,.0f} s ({rate:,.0f} executions/s)
 
 Harness: benchmarks/fuzz_tasks.py (its docstring says what is generated and checked); tests/test_fuzz.py runs
-a few hundred executions of it in CI.
+a few hundred executions of it in CI. Limits: an input running 60 s is a hang (the watchdog); a load over
+{LOAD_SLOW_S:g} s (twice), a match call over {MATCH_SLOW_S:g} s + 1 us a character (a regex: plus
+{REGEX_QUADRATIC_S:g} s times the continuation's length squared) is a finding.
 
 | format | executions | unmutated (must load as built) | loaded | refused (one-line TaskError) | how given |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Open-ended tasks loaded, by rule: {rules}.
+Open-ended tasks loaded, by rule: {rules}; of these with a known R2 regex (match calls not run):
+{c.get("known_R2_not_matched", 0):,}.
 Match calls on fuzzed continuations: {c.get("match_calls", 0):,} ({matches}).
 Inputs loaded as the other kind after mutation: {c.get("loaded_open_choice", 0):,} open-ended ones as multiple
 choice, {c.get("loaded_prompt_open", 0) + c.get("loaded_text_open", 0):,} multiple-choice ones as open-ended.
 Hangs or crashes: {c.get("hang_or_crash", 0)}. Findings in this run: {len(summary.findings)}.
-{findings}
-
-## Known findings
-
-{KNOWN}"""
+"""
+    if findings:
+        text += f"\n{findings}\n"
+    if atheris:
+        text += _atheris_text(atheris)
+    text += f"\n## Known findings\n\n{KNOWN}"
     tmp = dst.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(dst)
@@ -1076,6 +1082,7 @@ def run_atheris(executions: int, seed: int, work: Path, time_limit: float) -> No
     (work / "in").mkdir(parents=True, exist_ok=True)
     (work / "corpus").mkdir(exist_ok=True)
     counts: Counter[str] = Counter()
+    t0 = time.monotonic()
 
     def one(data: bytes) -> None:
         index = 3 * zlib.crc32(data) + (data[0] % 3 if data else 0)  # the format from the first byte
@@ -1083,13 +1090,35 @@ def run_atheris(executions: int, seed: int, work: Path, time_limit: float) -> No
         bad = execute(case, work, seed, counts, tasks.load_task)
         n = sum(counts[f"exec_{f}"] for f in FORMATS)
         if n % 10_000 == 0 or n == executions:
-            (work / "atheris-counts.json").write_text(json.dumps(dict(counts), sort_keys=True))
+            out = {
+                "executions": n,
+                "seed": seed,
+                "seconds": round(time.monotonic() - t0, 1),
+                "counts": counts,
+                "version": importlib.metadata.version("atheris"),
+            }
+            (work / "atheris-summary.json").write_text(json.dumps(out, sort_keys=True))
         if bad:
             raise AssertionError(f"{case.fmt} ({'+'.join(case.mutations)}): {bad[0]}")
 
     argv = [sys.argv[0], f"-runs={executions}", f"-seed={seed}", f"-timeout={max(1, int(time_limit))}"]
     atheris.Setup([*argv, "-rss_limit_mb=8192", f"-artifact_prefix={work}/", str(work / "corpus")], one)
     atheris.Fuzz()
+
+
+def _atheris_text(a: dict[str, Any]) -> str:
+    c = a["counts"]
+    per = ", ".join(f"{f} {c.get(f'exec_{f}', 0):,} ({c.get(f'loaded_{f}', 0):,} loaded)" for f in FORMATS)
+    command = f"python benchmarks/fuzz_tasks.py --atheris --executions {a['executions']} --seed {a['seed']}"
+    how = (
+        f"atheris {a.get('version', '?')}: libFuzzer in one process, zt_gguf instrumented; the same"
+        " generator, drawing its decisions from libFuzzer's bytes, and the same oracle"
+    )
+    n, seconds, calls, found = a["executions"], a["seconds"], c.get("match_calls", 0), a.get("findings", 0)
+    return (
+        f"\n## Coverage-guided run (atheris)\n\nCommand: `{command}` ({how}): {n:,} executions in"
+        f" {seconds:,.0f} s, {per}; {calls:,} match calls; findings: {found}.\n"
+    )
 
 
 def main() -> int:
@@ -1106,6 +1135,7 @@ def main() -> int:
         "--from-summary", type=Path, default=None, help="write --record from a run's summary.json"
     )
     ap.add_argument("--atheris", action="store_true", help="coverage-guided by atheris, in this process")
+    ap.add_argument("--atheris-summary", type=Path, default=None, help="add an atheris run to --record")
     ap.add_argument(
         "--loader", default=None, help="MODULE:FUNCTION fuzzed instead of zt_gguf.tasks.load_task (tests)"
     )
@@ -1113,7 +1143,8 @@ def main() -> int:
     command = f"python benchmarks/fuzz_tasks.py --executions {args.executions} --seed {args.seed}"
     if args.from_summary is not None:
         summary = Summary(**json.loads(args.from_summary.read_text()))
-        write_record(summary, args.record, command)
+        atheris = json.loads(args.atheris_summary.read_text()) if args.atheris_summary else None
+        write_record(summary, args.record, command, atheris)
         return 0
     if args.show is not None:
         case = make_case(args.seed, args.show)
