@@ -292,12 +292,25 @@ static void report(const std::string & name, const char * what, bool ok, const c
 }
 
 // a backend that does not implement the kv bias must not get the node: ggml_backend_dev_supports_op rejects
-// SOFT_MAX/FLASH_ATTN_EXT with a kv bias on every non-CPU device whose backend is not on the allowlist
-// (Vulkan, CUDA), so the scheduler runs them on the CPU. GPU devices are faked here (their own supports_op
-// accepts everything, as a backend that knows nothing of the bias would), with and without a registry name.
+// SOFT_MAX/FLASH_ATTN_EXT with a kv bias on every device that does not declare the capability caps.kv_bias (set by
+// the CPU, Vulkan and CUDA backends), so the scheduler runs them on the CPU. GPU devices are faked here: their own
+// supports_op accepts everything, as a backend that knows nothing of the bias would, and their get_props fills the
+// caps it knows as every backend does (an aggregate initialiser without kv_bias) or declares the kv bias too.
+// Registry names do not matter.
 static enum ggml_backend_dev_type fake_type_gpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_GPU; }
 static enum ggml_backend_dev_type fake_type_cpu(ggml_backend_dev_t) { return GGML_BACKEND_DEVICE_TYPE_CPU; }
+static void fake_props(ggml_backend_dev_t, struct ggml_backend_dev_props * props) {
+    props->caps = { /* .async = */ true, /* .host_buffer = */ true, /* .buffer_from_host_ptr = */ false,
+                    /* .events = */ true, /* .mmap_support = */ true };
+}
+static void fake_props_kv_bias(ggml_backend_dev_t dev, struct ggml_backend_dev_props * props) {
+    fake_props(dev, props);
+    props->caps.kv_bias = true;
+}
 static bool fake_supports_op(ggml_backend_dev_t, const struct ggml_tensor *) { return true; }
+static bool fake_supports_op_no_soft_max(ggml_backend_dev_t, const struct ggml_tensor * op) {
+    return op->op != GGML_OP_SOFT_MAX;
+}
 static const char * fake_reg_name(ggml_backend_reg_t reg) { return (const char *) reg->context; }
 
 static void test_backend_guard() {
@@ -319,34 +332,59 @@ static void test_backend_guard() {
 
     ggml_backend_device gpu = {};
     gpu.iface.get_type    = fake_type_gpu;
+    gpu.iface.get_props   = fake_props;
     gpu.iface.supports_op = fake_supports_op;
     ggml_backend_device cpu = gpu;
     cpu.iface.get_type    = fake_type_cpu;
 
     const bool ok =
         ggml_backend_dev_supports_op(&gpu, sm_plain) && !ggml_backend_dev_supports_op(&gpu, sm_bias) &&
-        ggml_backend_dev_supports_op(&gpu, fa_plain) && !ggml_backend_dev_supports_op(&gpu, fa_bias) &&
-        ggml_backend_dev_supports_op(&cpu, sm_bias)  &&  ggml_backend_dev_supports_op(&cpu, fa_bias);
-    report("backend guard: kv bias rejected on a non-CPU device", "guard", ok, "", 0.0, 0.0);
+        ggml_backend_dev_supports_op(&gpu, fa_plain) && !ggml_backend_dev_supports_op(&gpu, fa_bias);
+    report("backend guard: kv bias rejected on a device without caps.kv_bias", "guard", ok, "", 0.0, 0.0);
 
-    // clearing the bias (NULL) empties the slots again
-    // named backends: only the allowlisted ones get the node (then their own supports_op decides)
+    // the device type does not matter either: a CPU-type device that does not declare it is refused too
+    const bool ok_cpu_type = ggml_backend_dev_supports_op(&cpu, sm_plain) &&
+        !ggml_backend_dev_supports_op(&cpu, sm_bias) && !ggml_backend_dev_supports_op(&cpu, fa_bias);
+    report("backend guard: kv bias rejected on a CPU-type device without it", "guard", ok_cpu_type, "", 0.0, 0.0);
+
+    // the CPU backend declares it and gets the nodes
+    ggml_backend_dev_t cpu_dev = ggml_backend_get_device(g_backend);
+    ggml_backend_dev_props cpu_props;
+    ggml_backend_dev_get_props(cpu_dev, &cpu_props);
+    const bool ok_cpu = cpu_props.caps.kv_bias && ggml_backend_dev_supports_op(cpu_dev, sm_bias) &&
+        ggml_backend_dev_supports_op(cpu_dev, fa_bias);
+    report("backend guard: kv bias passed to the CPU backend", "guard", ok_cpu, "", 0.0, 0.0);
+
+    // a device that declares it gets the nodes, then its own supports_op decides
+    ggml_backend_device gpu_kvb = gpu;
+    gpu_kvb.iface.get_props = fake_props_kv_bias;
+    ggml_backend_device gpu_kvb_no_sm = gpu_kvb;
+    gpu_kvb_no_sm.iface.supports_op = fake_supports_op_no_soft_max;
+    const bool ok_declared =
+        ggml_backend_dev_supports_op(&gpu_kvb, sm_bias) && ggml_backend_dev_supports_op(&gpu_kvb, fa_bias) &&
+        !ggml_backend_dev_supports_op(&gpu_kvb_no_sm, sm_bias) && ggml_backend_dev_supports_op(&gpu_kvb_no_sm, fa_bias);
+    report("backend guard: kv bias passed to a device with caps.kv_bias", "guard", ok_declared, "", 0.0, 0.0);
+
+    // registry names play no part: a device of any backend, "Vulkan" and "CUDA" included, gets the node exactly
+    // when it declares the capability
     for (const char * name : { "Metal", "SYCL", "OpenCL", "ROCm", "MUSA", "RPC", "CANN", "WebGPU", "BLAS",
                                "Vulkan", "CUDA" }) {
         ggml_backend_reg reg = {};
         reg.iface.get_name = fake_reg_name;
         reg.context        = (void *) name;
-        ggml_backend_device dev = gpu;
-        dev.reg = &reg;
-        const bool allowed = strcmp(name, "Vulkan") == 0 || strcmp(name, "CUDA") == 0;
-        const bool ok_named =
-            ggml_backend_dev_supports_op(&dev, sm_plain) && ggml_backend_dev_supports_op(&dev, fa_plain) &&
-            ggml_backend_dev_supports_op(&dev, sm_bias) == allowed &&
-            ggml_backend_dev_supports_op(&dev, fa_bias) == allowed;
-        report(std::string("backend guard: kv bias ") + (allowed ? "passed to " : "rejected on ") + name, "guard",
-               ok_named, "", 0.0, 0.0);
+        for (const bool declared : { false, true }) {
+            ggml_backend_device dev = declared ? gpu_kvb : gpu;
+            dev.reg = &reg;
+            const bool ok_named =
+                ggml_backend_dev_supports_op(&dev, sm_plain) && ggml_backend_dev_supports_op(&dev, fa_plain) &&
+                ggml_backend_dev_supports_op(&dev, sm_bias) == declared &&
+                ggml_backend_dev_supports_op(&dev, fa_bias) == declared;
+            report(std::string("backend guard: kv bias ") + (declared ? "passed to " : "rejected on ") + name +
+                   (declared ? " with caps.kv_bias" : " without caps.kv_bias"), "guard", ok_named, "", 0.0, 0.0);
+        }
     }
 
+    // clearing the bias (NULL) empties the slots again
     ggml_soft_max_add_kv_bias(sm_bias, nullptr, nullptr);
     ggml_flash_attn_ext_add_kv_bias(fa_bias, nullptr, nullptr);
     const bool cleared = ggml_backend_dev_supports_op(&gpu, sm_bias) && ggml_backend_dev_supports_op(&gpu, fa_bias);
