@@ -314,7 +314,7 @@ def test_heldout_check_with_a_fake_scorer_feeds_the_decision(n_gained: int, writ
     held = [Item(f"q{i}", (" a",), 0, f"i{i}", references=(" a",), match=rule) for i in range(40)]
 
     def score(bias: np.ndarray | None, items: list[Item]) -> list[SimpleNamespace]:
-        n_right = 5 if bias is None else 5 + n_gained
+        n_right = 5 if bias is None or not np.any(bias) else 5 + n_gained  # the untuned model: zeros
         return _fake_scores(["A." if i < n_right else "b" for i in range(len(items))])
 
     h = heldout_check(score, held, BIAS, seed=42, scored_by=("generate",))
