@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -784,7 +784,9 @@ def tools_cmd(name: str | None, args: tuple[str, ...], show_path: bool) -> None:
             click.echo(str(bin_dir()))
             return
         exe = tool_path(name)
-    sys.exit(subprocess.call([str(exe), *args]))
+    # the tool replaces this process, so that signals (a server stopped with Ctrl-C or kill) reach it and
+    # no orphan is left behind; its exit code is the command's
+    os.execv(str(exe), [str(exe), *args])
 
 
 def run() -> None:
