@@ -464,9 +464,8 @@ def test_kill_9_during_an_open_ended_calibration_then_resume(tmp_path: Path) -> 
     arguments: the input is never touched, the output is absent or complete, no temporary file is left, and
     the run that completes resumes from the checkpoint to the result of an uninterrupted run."""
     import random
-    import signal
 
-    from test_reliability import _check_output, _kill_after, _leftovers, _sha, _tensor_data, _zt
+    from test_reliability import _check_output, _sha, _tensor_data, _zt, kill_calibrate_repeatedly
 
     model = make_tiny_llama(tmp_path / "mid.gguf", n_layer=4, n_head=8, n_head_kv=4, head_dim=32, n_ff=256)
     before, data = _sha(model.path), _tensor_data(model.path)
@@ -492,21 +491,10 @@ def test_kill_9_during_an_open_ended_calibration_then_resume(tmp_path: Path) -> 
     out, rep = out_dir / "tuned.gguf", out_dir / "tuned.report"
     run_args: list[str | Path] = ["calibrate", model.path, "--task", task, "-o", out, *args]
     allowed = ("tuned.gguf", "checkpoint.json", "report.json", "heatmap.png", "accuracy.png", "report.html")
-    rng = random.Random(7)
-    phases = []
-    for i in range(5):
-        rc = _kill_after(run_args, rng.uniform(0.2, 0.7) * t_ref)
-        assert rc in (0, -signal.SIGKILL)
-        assert not _leftovers(out_dir, allowed=allowed), f"kill {i}"
-        if out.exists():
-            _check_output(out, ref_bias, data)
-        if rc == 0:
-            phases.append("completed")
-            break
-        done = 0
-        if (rep / "checkpoint.json").exists():
-            done = len(json.loads((rep / "checkpoint.json").read_text())["evaluations"])
-        phases.append(f"{done} candidates done")
+    delays = (0.2 * t_ref, 0.7 * t_ref)
+    phases = kill_calibrate_repeatedly(
+        run_args, out, rep, allowed, ref_bias, data, delays, random.Random(7), 5
+    )
     res = _zt(*run_args)
     assert res.returncode == 0, res.stderr[-2000:]
     final = json.loads(res.stdout)

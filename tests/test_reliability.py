@@ -787,6 +787,38 @@ CAL_ARGS = ["--threads", "1", "--scoring", "choice", "--objective", "logprob", "
 CAL_ARGS += ["--grid-down", "0.25,0.5,0.75", "--no-early-stop", "--force", "--quiet", "--json"]
 
 
+def kill_calibrate_repeatedly(
+    args: list[str | Path],
+    out: Path,
+    rep: Path,
+    allowed: tuple[str, ...],
+    ref_bias: Any,
+    data: bytes,
+    delays: tuple[float, float],
+    rng: random.Random,
+    kills: int = 6,
+) -> list[str]:
+    """kill -9 a `zt-gguf calibrate` run (args) after a random delay, up to kills times or until a run
+    completes; after each kill the output folder holds only allowed files and the output is absent or
+    complete with ref_bias and the input's tensor data. Returns what each run had reached."""
+    phases = []
+    for i in range(kills):
+        rc = _kill_after(args, rng.uniform(*delays))
+        assert rc in (0, -signal.SIGKILL)
+        stray = _leftovers(out.parent, allowed=allowed)
+        assert not stray, f"kill {i}: {stray}"
+        if out.exists():
+            _check_output(out, ref_bias, data)
+        if rc == 0:
+            phases.append("completed")
+            break
+        done = 0
+        if (rep / "checkpoint.json").exists():
+            done = len(json.loads((rep / "checkpoint.json").read_text())["evaluations"])
+        phases.append("written" if out.exists() else f"{done} candidates done")
+    return phases
+
+
 def test_kill_9_during_calibrate_then_resume(tmp_path: Path) -> None:
     """kill -9 at random moments of `zt-gguf calibrate` (a 7 MB model, 300 items, 21 candidates: ~3 s),
     rerun each time with the same arguments: after each kill the output is absent or complete and valid, the
@@ -812,21 +844,10 @@ def test_kill_9_during_calibrate_then_resume(tmp_path: Path) -> None:
     rng = random.Random(11)
     report_files = {"checkpoint.json", "report.json", "report.md", "heatmap.png", "heatmap.txt"}
     report_files |= {"accuracy.png", "report.html"}  # report.write_report
-    phases = []
-    for i in range(6):
-        rc = _kill_after(args, rng.uniform(0.15, 0.6) * t_ref)
-        assert rc in (0, -signal.SIGKILL)
-        stray = _leftovers(out_dir, allowed=("tuned.gguf", *report_files))
-        assert not stray, f"kill {i}: {stray}"
-        if out.exists():
-            _check_output(out, ref_bias, data)
-        if rc == 0:
-            phases.append("completed")
-            break
-        done = 0
-        if (rep / "checkpoint.json").exists():
-            done = len(json.loads((rep / "checkpoint.json").read_text())["evaluations"])
-        phases.append("written" if out.exists() else f"{done} candidates done")
+    allowed = ("tuned.gguf", *report_files)
+    phases = kill_calibrate_repeatedly(
+        args, out, rep, allowed, ref_bias, data, (0.15 * t_ref, 0.6 * t_ref), rng
+    )
     res = _zt(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     final = json.loads(res.stdout)
