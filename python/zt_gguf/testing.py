@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -665,7 +665,7 @@ class Server:
 class Response:
     ok: bool
     status: int
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] | list[str] = field(default_factory=list)  # ids, or pieces where only those are given
     logprobs: list[float] = field(default_factory=list)  # of the chosen tokens
     gaps: list[float] = field(default_factory=list)  # top-1 minus top-2 log-probability per step
     text: str = ""
@@ -764,6 +764,11 @@ def complete(server: Server, prompt: str, n_predict: int, timeout: float = 300.0
         status, res = http(server.url + "/completion", body, timeout=timeout)
     except OSError as e:
         return Response(False, 0, error=f"{type(e).__name__}: {e}")
+    return completion_response(status, res)
+
+
+def completion_response(status: int, res: Any) -> Response:
+    """A /completion answer (with "return_tokens" and "n_probs" >= 2) as a Response."""
     if status != 200 or not isinstance(res, dict):
         return Response(False, status, error=f"HTTP {status}")
     try:
@@ -774,11 +779,16 @@ def complete(server: Server, prompt: str, n_predict: int, timeout: float = 300.0
         if len(steps) == len(tokens) and all(int(s["id"]) == t for s, t in zip(steps, tokens)):
             for s in steps:
                 logprobs.append(float(s["logprob"]))
-                top = sorted((float(t["logprob"]) for t in s["top_logprobs"]), reverse=True)
-                gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+                gaps.append(top2_gap(float(t["logprob"]) for t in s["top_logprobs"]))
         return Response(True, status, tokens, logprobs, gaps, str(res.get("content", "")))
     except (KeyError, IndexError, TypeError, ValueError) as e:
         return Response(False, status, error=f"unexpected response ({type(e).__name__}: {e})")
+
+
+def top2_gap(logprobs: Iterable[float]) -> float:
+    """The most likely log-probability minus the second (inf when there is one)."""
+    top = sorted(logprobs, reverse=True)
+    return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
 def compare_responses(got: Response, ref: Response, atol: float) -> tuple[str, float]:
