@@ -61,6 +61,10 @@ PYBIND11_MODULE(_core, m) {
              py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("info", &zt::model::info, py::return_value_policy::reference_internal)
         .def("tokenize", &zt::model::tokenize, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true)
+        .def("tokenize_uncached", &zt::model::tokenize_uncached, py::arg("text"), py::arg("add_special") = true,
+             py::arg("parse_special") = true)
+        .def_property_readonly("tokenize_cache_size", &zt::model::tokenize_cache_size)
+        .def("clear_tokenize_cache", &zt::model::clear_tokenize_cache)
         .def("token_to_piece", [](const zt::model & m, llama_token t) { return utf8(m.token_to_piece(t)); }, py::arg("token"))
         .def("detokenize", [](const zt::model & m, const std::vector<llama_token> & tokens) {
                  return utf8(m.detokenize(tokens));

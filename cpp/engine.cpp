@@ -136,6 +136,41 @@ model::~model() {
 }
 
 std::vector<llama_token> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    // the key: both flags, then the text
+    std::string key(1, (char) ('0' + (add_special ? 1 : 0) + (parse_special ? 2 : 0)));
+    key += text;
+    {
+        std::lock_guard<std::mutex> lock(tokenize_mutex_);
+        auto it = tokenize_cache_.find(key);
+        if (it != tokenize_cache_.end()) {
+            return it->second;
+        }
+    }
+    std::vector<llama_token> res = tokenize_uncached(text, add_special, parse_special);
+    const size_t bytes = key.size() + res.size() * sizeof(llama_token) + 64;
+    std::lock_guard<std::mutex> lock(tokenize_mutex_);
+    if (tokenize_cache_bytes_ + bytes > tokenize_cache_max_bytes) {
+        tokenize_cache_.clear();
+        tokenize_cache_bytes_ = 0;
+    }
+    if (tokenize_cache_.emplace(std::move(key), res).second) {
+        tokenize_cache_bytes_ += bytes;
+    }
+    return res;
+}
+
+size_t model::tokenize_cache_size() const {
+    std::lock_guard<std::mutex> lock(tokenize_mutex_);
+    return tokenize_cache_.size();
+}
+
+void model::clear_tokenize_cache() const {
+    std::lock_guard<std::mutex> lock(tokenize_mutex_);
+    tokenize_cache_.clear();
+    tokenize_cache_bytes_ = 0;
+}
+
+std::vector<llama_token> model::tokenize_uncached(const std::string & text, bool add_special, bool parse_special) const {
     std::vector<llama_token> res(text.size() + 8);
     int32_t n = 0;
     try {

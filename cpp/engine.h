@@ -10,8 +10,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -60,8 +62,15 @@ public:
     llama_model * get() const { return model_; }
     const llama_vocab * vocab() const { return vocab_; }
 
-    // the model's own BOS rule applies when add_special is true
+    // the model's own BOS rule applies when add_special is true. Results are remembered (the vocabulary does not
+    // change once loaded, and a search scores the same items dozens of times), keyed by the text and both flags;
+    // past tokenize_cache_max_bytes of remembered tokens the cache starts afresh.
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special = true) const;
+    // the same without the cache (what the cache is checked against)
+    std::vector<llama_token> tokenize_uncached(const std::string & text, bool add_special, bool parse_special) const;
+    size_t tokenize_cache_size() const;  // texts remembered
+    void clear_tokenize_cache() const;
+    static constexpr size_t tokenize_cache_max_bytes = 64u << 20;
     std::string token_to_piece(llama_token token) const;
     std::string detokenize(const std::vector<llama_token> & tokens) const;
     bool is_eog(llama_token token) const;
@@ -70,6 +79,10 @@ private:
     llama_model * model_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     model_info info_;
+
+    mutable std::mutex tokenize_mutex_;
+    mutable std::unordered_map<std::string, std::vector<llama_token>> tokenize_cache_;
+    mutable size_t tokenize_cache_bytes_ = 0;
 };
 
 struct context_params {

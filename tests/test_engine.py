@@ -354,3 +354,32 @@ def test_gpu_layers_on_a_cpu_build_and_the_attention_report(tiny: Path) -> None:
     assert describe_attention(fake, where) == (
         "Vulkan0 (5 of 6 attention nodes, 5 with the bias), CPU (1 of 6 attention nodes)"
     )
+
+
+def test_tokenize_cache_equals_fresh_tokenization(tiny: Path) -> None:
+    """Model.tokenize remembers its results per (text, add_special, parse_special): every answer equals a
+    fresh tokenization by another Model of the same file, whatever the order of the flags (a text holding
+    "<s>" tokenizes differently with and without special-token parsing, and the cache keeps both); scores
+    are bit for bit the same from a cold and a warm cache."""
+    model, fresh = Model(tiny), Model(tiny)
+    texts = ["the cat sat", "<s>the cat</s>", "the cat <s>", "", "café ☕ the", "the cat sat" * 40]
+    flags = [(a, p) for a in (True, False) for p in (True, False)]
+    assert model.tokenize("<s>the", True, True) != model.tokenize("<s>the", True, False)
+    for round_ in range(3):  # cold, warm, warm in another order
+        order = flags if round_ < 2 else flags[::-1]
+        for text in texts if round_ < 2 else texts[::-1]:
+            for a, p in order:
+                assert model.tokenize(text, a, p) == fresh.tokenize_uncached(text, a, p), (text, a, p)
+    assert model.tokenize_cache_size == len(texts) * len(flags) + 2  # and the two "<s>the" above
+    model.clear_tokenize_cache()
+    assert model.tokenize_cache_size == 0
+
+    items = [
+        Item("the cat sat on", (" the mat", " a mat"), 0, "a"),
+        Item("<s>one two", (" three", " four five"), 1, "b"),
+    ]
+    ctx = Context(model, n_threads=1)
+    cold = [s.choice_logprob.tolist() for s in ctx.score(items)]
+    assert model.tokenize_cache_size == 2 + 4  # the prompts, and each prompt with each choice
+    assert [s.choice_logprob.tolist() for s in ctx.score(items)] == cold
+    assert [s.choice_logprob.tolist() for s in Context(fresh, n_threads=1).score(items)] == cold

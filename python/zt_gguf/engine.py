@@ -55,9 +55,9 @@ def fit_n_ctx(model: Model, items: Sequence[Item], per_call: int, n_gen: int = 0
     (up to the model's training context). The KV cache is allocated whole (4096 cells are 512 MiB for an 8B
     model), so a small task should not pay for a large context; more cells only group more items a decode."""
     cells = []
-    for it in items:
-        p = model.tokenize(it.prompt)
-        extra = sum(max(1, len(model.tokenize(it.prompt + c)) - len(p)) for c in it.choices)
+    for it in items:  # tokenized as the engine's scoring does, so that its cache holds them already
+        p = model.tokenize(it.prompt, model.add_bos)
+        extra = sum(max(1, len(model.tokenize(it.prompt + c, model.add_bos)) - len(p)) for c in it.choices)
         cells.append(len(p) + extra + n_gen)
     if not cells:
         return N_CTX_MIN
@@ -133,8 +133,21 @@ class Model:
         return (self.n_layer, self.n_head)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Tokens of text; with add_special the model's own BOS rule applies."""
+        """Tokens of text; with add_special the model's own BOS rule applies. Remembered per (text, flags):
+        the engine's scoring tokenizes the same items on every call."""
         return self._m.tokenize(text, add_special, parse_special)
+
+    def tokenize_uncached(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """tokenize() without the cache."""
+        return self._m.tokenize_uncached(text, add_special, parse_special)
+
+    @property
+    def tokenize_cache_size(self) -> int:
+        """Texts whose tokens are remembered."""
+        return int(self._m.tokenize_cache_size)
+
+    def clear_tokenize_cache(self) -> None:
+        self._m.clear_tokenize_cache()
 
     @property
     def chat_template(self) -> str:
