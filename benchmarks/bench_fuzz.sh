@@ -3,6 +3,7 @@
 # llama_set_attn_ftb, in a build with AddressSanitizer and UndefinedBehaviorSanitizer.
 #
 #   bash benchmarks/bench_fuzz.sh [N_EXECUTIONS] [SEED]      (defaults: 2000 executions, seed 1)
+#   FUZZ_JOBS=2 bash benchmarks/bench_fuzz.sh 1000000 1        (the issue-25 run: 20 chunks, 2 at a time)
 #   bash benchmarks/bench_fuzz.sh --build-only
 #
 # Steps:
@@ -13,13 +14,18 @@
 #      deterministic driver cpp/fuzz/fuzz_driver.cpp into build/asan/fuzz_attn_ftb (g++; clang's libFuzzer is not
 #      needed)
 #   3. write the seed models (tiny llama, tiny per-layer-head deci) with zt_gguf.testing
-#   4. run N executions from SEED; any sanitizer report, crash or failed check stops the run with exit code 1
+#   4. run N executions in chunks of CHUNK (default 50000, or N when smaller) with the seeds SEED, SEED+1, ...,
+#      FUZZ_JOBS (default 1) chunks at a time; each chunk's output is kept in CHUNK_DIR (default
+#      build/asan/fuzz-chunks), so a run stopped half-way resumes with the chunks still missing; any sanitizer
+#      report, crash or failed check stops the run with exit code 1 (the input kept in FUZZ_OUT)
 #   5. run N_ENGINE (default 2000) mutated files through gguf_meta and the engine of the normal build
 #      (tests/test_fuzz.py::run_engine_fuzz, child processes)
-#   6. record benchmarks/results/fuzz.json (and print "fuzz: N executions, 0 crashes")
+#   6. record benchmarks/results/fuzz.json (the counters summed over the chunks, each chunk's seed and time)
+#      and print "fuzz: N executions, 0 crashes"
 #
-# Environment: JOBS (default 2), ASAN_DIR (default build/asan), RESULTS (default benchmarks/results/fuzz.json;
-# "-" records nothing), FUZZ_OUT (default: a temporary folder; where a failing input is kept).
+# Environment: JOBS (build, default 2), FUZZ_JOBS, CHUNK, CHUNK_DIR, ASAN_DIR (default build/asan), RESULTS
+# (default benchmarks/results/fuzz.json; "-" records nothing), FUZZ_OUT (default: a temporary folder; where a
+# failing input is kept). The fuzzers run under nice, so that other work on the machine goes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -101,22 +107,67 @@ from test_fuzz import write_seed_models  # the same seeds as the test
 write_seed_models(Path(sys.argv[1]))
 EOF
 
-export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:allocator_may_return_null=1:halt_on_error=1}
+# quarantine 32 MiB (not 256): the contexts' scheduler buffers then reuse pages instead of faulting in new ones
+export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:allocator_may_return_null=1:halt_on_error=1:quarantine_size_mb=32}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1:suppressions=$ROOT/cpp/fuzz/ubsan.supp}
+FUZZ_JOBS=${FUZZ_JOBS:-1}
+CHUNK=${CHUNK:-50000}
+(( CHUNK > N )) && CHUNK=$N
+CHUNK_DIR=${CHUNK_DIR:-$ASAN_DIR/fuzz-chunks}
+mkdir -p "$CHUNK_DIR"
+# a chunk: seed, runs; done when its .out ends with the driver's summary line (the binary's hash in the name)
+BIN_ID=$(sha256sum "$EXE" | cut -c1-12)
+run_chunk() {
+    local seed=$1 runs=$2 out="$CHUNK_DIR/$BIN_ID-seed$1-$2"
+    if [[ -f "$out.out" ]] && grep -q "^fuzz: $runs executions, 0 crashes" "$out.out"; then
+        return 0
+    fi
+    mkdir -p "$WORK/w$seed" "$FUZZ_OUT/seed$seed"
+    local t0=$(date +%s.%N)
+    if ! nice -n 19 "$EXE" --seeds "$WORK/seed_llama.gguf" "$WORK/seed_deci.gguf" --runs "$runs" --seed "$seed" \
+        --work "$WORK/w$seed" --keep-failing "$FUZZ_OUT/seed$seed" >"$out.tmp" 2>"$out.err"; then
+        echo "bench_fuzz: chunk seed $seed failed; the input is in $FUZZ_OUT/seed$seed" >&2
+        tail -60 "$out.err" >&2
+        return 1
+    fi
+    echo "stat wall_seconds_x10 $(python3 -c "print(int(10 * ($(date +%s.%N) - $t0)))")" >>"$out.tmp"
+    mv "$out.tmp" "$out.out"
+    echo "bench_fuzz: seed $seed: $(grep "^fuzz:" "$out.out")" >&2
+}
+CHUNKS=()
+left=$N
+seed=$SEED
+while (( left > 0 )); do
+    n=$(( left < CHUNK ? left : CHUNK ))
+    CHUNKS+=("$seed:$n")
+    left=$(( left - n ))
+    seed=$(( seed + 1 ))
+done
 t1=$(date +%s.%N)
-set +e
-"$EXE" --seeds "$WORK/seed_llama.gguf" "$WORK/seed_deci.gguf" --runs "$N" --seed "$SEED" \
-    --work "$WORK" --keep-failing "$FUZZ_OUT" >"$WORK/fuzz.out" 2>"$WORK/fuzz.err"
-rc=$?
-set -e
+rc=0
+running=0
+for c in "${CHUNKS[@]}"; do
+    run_chunk "${c%%:*}" "${c##*:}" &
+    running=$(( running + 1 ))
+    if (( running >= FUZZ_JOBS )); then
+        wait -n || rc=1
+        running=$(( running - 1 ))
+    fi
+    (( rc == 0 )) || break
+done
+while (( running > 0 )); do
+    wait -n || rc=1
+    running=$(( running - 1 ))
+done
 t2=$(date +%s.%N)
-tail -5 "$WORK/fuzz.out"
 if [[ $rc != 0 ]]; then
-    echo "bench_fuzz: the fuzzer failed (exit $rc); the input is in $FUZZ_OUT" >&2
-    tail -60 "$WORK/fuzz.err" >&2
     [[ "$FUZZ_OUT" == "$WORK" ]] && trap - EXIT
     exit 1
 fi
+CHUNK_FILES=()
+for c in "${CHUNKS[@]}"; do
+    CHUNK_FILES+=("$CHUNK_DIR/$BIN_ID-seed${c%%:*}-${c##*:}.out")
+done
 
 # the same metadata through the engine of the normal build (tests/test_fuzz.py::test_engine_fuzz, longer)
 N_ENGINE=${N_ENGINE:-2000}
@@ -138,19 +189,26 @@ t4=$(date +%s.%N)
 
 if [[ "$RESULTS" != "-" ]]; then
     mkdir -p "$(dirname "$RESULTS")"
-    "$PY" - "$WORK/fuzz.out" "$RESULTS" "$N" "$SEED" "$t1" "$t2" "$t_build" "$WORK/engine.json" "$t3" "$t4" <<'EOF'
-import json, os, platform, subprocess, sys
+    "$PY" - "$RESULTS" "$N" "$SEED" "$t1" "$t2" "$t_build" "$WORK/engine.json" "$t3" "$t4" "$FUZZ_JOBS" \
+        "${CHUNK_FILES[@]}" <<'EOF'
+import json, os, platform, re, subprocess, sys
 from datetime import datetime, timezone
-out, dst, n, seed, t1, t2, t_build, engine_json, t3, t4 = sys.argv[1:]
+dst, n, seed, t1, t2, t_build, engine_json, t3, t4, jobs, *outs = sys.argv[1:]
 engine = json.load(open(engine_json))
-stats = {}
-for line in open(out):
-    if line.startswith("stat "):
-        _, key, value = line.split()
-        stats[key] = int(value)
+stats, chunks = {}, []
+for out in outs:
+    mine = {}
+    for line in open(out):
+        if line.startswith("stat "):
+            _, key, value = line.split()
+            mine[key] = int(value)
+            stats[key] = stats.get(key, 0) + int(value)
+    s, r = re.search(r"seed(\d+)-(\d+)\.out$", out).groups()
+    chunks.append({"seed": int(s), "executions": int(r), "seconds": mine.get("wall_seconds_x10", 0) / 10})
+assert stats["runs"] == int(n), (stats["runs"], n)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 rec = {
-    "command": f"bash benchmarks/bench_fuzz.sh {n} {seed}",
+    "command": f"FUZZ_JOBS={jobs} bash benchmarks/bench_fuzz.sh {n} {seed}",
     "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     "machine": {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform()},
     "compiler": subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
@@ -159,7 +217,9 @@ rec = {
     "executions": int(n),
     "seed": int(seed),
     "crashes": 0,
-    "seconds": round(float(t2) - float(t1), 1),
+    "seconds": round(float(t2) - float(t1), 1),  # this invocation's (chunks done before were resumed)
+    "chunks": chunks,
+    "parallel_chunks": int(jobs),
     "build_seconds": int(t_build),
     "outcomes": stats,
     "known_findings": {
