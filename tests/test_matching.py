@@ -6,11 +6,14 @@ case, punctuation removed, the articles a / an / the removed, whitespace collaps
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 
-from zt_gguf.matching import MatchRule, MatchRuleError, normalize
+from zt_gguf import matching
+from zt_gguf.errors import UserError
+from zt_gguf.matching import MatchRule, MatchRuleError, MatchTimeoutError, normalize
 
 EXACT, CONTAINS, NUMBER = MatchRule("exact"), MatchRule("contains"), MatchRule("number")
 
@@ -184,3 +187,39 @@ def test_a_non_capturing_group_does_not_count() -> None:
     rule = MatchRule("regex", r"(?:the )?answer: (\w+)")
     assert rule.matches("the answer: cat", ["cat"])
     assert str(rule) == "regex:(?:the )?answer: (\\w+)"
+
+
+# alternatives in a repeat that can match the same text: exponential backtracking without a repeated repeat
+# (the fuzzer's R2); refused by the probe searches when the rule is made
+OVERLAPPING_ALTERNATIVES = [r"((?:a|a)*)$", r"((?:a|aa)+)$", r"(?:x|x)*((?:1|1)+)!$"]
+
+
+@pytest.mark.parametrize("pattern", OVERLAPPING_ALTERNATIVES)
+def test_overlapping_alternatives_in_a_repeat_are_refused(pattern: str) -> None:
+    with pytest.raises(MatchRuleError, match="backtracks exponentially") as e:
+        MatchRule("regex", pattern)
+    assert "\n" not in str(e.value)
+
+
+def test_a_search_past_the_time_limit_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regex that passes the probes but backtracks (quadratically here) on a long continuation: the search
+    stops at MATCH_TIMEOUT_S with a MatchTimeoutError (a UserError: one line from the CLI), not a hang."""
+    rule = MatchRule("regex", r"((?:\w|\d)+)$")
+    long = "ab" * 4000 + "!"
+    assert rule.matches("the answer 42", ["42"])
+    monkeypatch.setattr(matching, "MATCH_TIMEOUT_S", 0.001)
+    with pytest.raises(MatchTimeoutError, match=r"ran over 0.001 s on a continuation of 8,001 characters"):
+        rule.matches(long, ["ab"])
+    assert isinstance(MatchTimeoutError("x"), UserError)
+
+
+@pytest.mark.parametrize("pattern", SAFE_REPEATS + [r"^\W*([\w'-]+)", r"(?i)answer: *(\d+)"])
+def test_regex_searches_agree_with_python_re(pattern: str) -> None:
+    """The regex module (which runs the searches, for its time limit) reads what Python's re reads."""
+    texts = ["answer is cat.", "hello world. x", "abab x", "123456x", "  it's fine", "Answer: 17", ""]
+    texts.append("ab\nx")
+    rule = MatchRule("regex", pattern)
+    for text in texts:
+        m = re.search(pattern, text)
+        want = None if m is None or m.group(1) is None else normalize(m.group(1))
+        assert rule.extract(text) == want, text

@@ -9,19 +9,28 @@
   "$18" all read as numbers; for chain-of-thought continuations, the final number is the answer);
 * ``regex``: the first group of a user's regular expression (searched in the continuation) equals a
   reference after normalisation. A regex that repeats a repeat (``(a+)+``, ``((?:\\w+ ?)+)\\.``) is refused:
-  Python's re can take exponential time on such a pattern when a continuation does not match.
+  Python's re can take exponential time on such a pattern when a continuation does not match. Other shapes
+  backtrack exponentially too (overlapping alternatives in a repeat: ``((?:a|a)*)$``, ``((?:\\w|\\d)+)$``), so
+  the regex is also tried on a few probe texts within PROBE_TIMEOUT_S when the rule is made, and every
+  search runs under a time limit (the ``regex`` module's ``timeout``, which Python's re lacks): a search past
+  MATCH_TIMEOUT_S is a MatchTimeoutError, one line naming the regex, never a hang.
 
 Pure functions; nothing here knows the engine.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import regex
+
+from .errors import UserError
 
 try:  # Python >= 3.11
     from re import _constants as _sre
@@ -39,10 +48,38 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w\
 NUMBER_REL_TOL = 1e-9
 SHOWN_CHARS = 60  # of a rule name or a regex quoted in an error message
 MAX_PATTERN_CHARS = 10_000  # a longer answer regex is refused (re compiles a 2 MB one in seconds)
+# one search of the user's regex in a continuation; an ordinary regex needs under a second for the longest
+# continuation (2048 tokens), even one that backtracks quadratically ([\w ]+\. on 8,000 characters: 0.8 s)
+MATCH_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 0.25  # one search of a probe text when the rule is made (microseconds for a sound regex)
+# texts on which a regex that backtracks exponentially takes ages: a run of one kind of character, then one
+# that ends the match
+PROBES = tuple(c * 32 + end for c in ("a", "1", " ", "ab", "_", ".", "a1 ") for end in ("!", "\n", ""))
 
 
 class MatchRuleError(ValueError):
     """A match rule that cannot be used (an unknown name, a regex without exactly one group)."""
+
+
+class MatchTimeoutError(UserError):
+    """The user's answer regex ran past MATCH_TIMEOUT_S on a continuation."""
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> Any:
+    """The regex module's compilation of a pattern that Python's re accepts (the same syntax, V0)."""
+    return regex.compile(pattern, regex.V0)
+
+
+def backtracks_on_probes(pattern: str) -> bool:
+    """Whether a search of the regex on one of PROBES runs past PROBE_TIMEOUT_S."""
+    compiled = _compiled(pattern)
+    for text in PROBES:
+        try:
+            compiled.search(text, timeout=PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return True
+    return False
 
 
 def normalize(text: str) -> str:
@@ -152,6 +189,17 @@ class MatchRule:
                     "which can take exponential time on a continuation that does not match: repeat a "
                     "character class instead ([\\w ]+), or make the inner repeat possessive (\\w++)"
                 )
+            try:
+                slow = backtracks_on_probes(self.pattern)
+            except (regex.error, OverflowError, RecursionError) as e:
+                raise MatchRuleError(f"the answer regex {_shown(self.pattern)} cannot be used: {e}") from None
+            if slow:
+                raise MatchRuleError(
+                    f"the answer regex {_shown(self.pattern)} takes over {PROBE_TIMEOUT_S} s on a "
+                    f"{len(PROBES[0]) - 1}-character text: it backtracks exponentially (alternatives in a "
+                    "repeat that can match the same text, like (?:a|a)* or (?:\\w|\\d)+); use one character "
+                    "class ([\\w]+) or alternatives that start differently"
+                )
 
     def __str__(self) -> str:
         return self.name if self.pattern is None else f"{self.name}:{self.pattern}"
@@ -165,7 +213,14 @@ class MatchRule:
         if self.name == "number":
             n = last_number(continuation)
             return None if n is None else repr(n)
-        m = re.search(self.pattern or "", continuation)
+        try:
+            m = _compiled(self.pattern or "").search(continuation, timeout=MATCH_TIMEOUT_S)
+        except TimeoutError:
+            raise MatchTimeoutError(
+                f"the answer regex {_shown(self.pattern or '')} ran over {MATCH_TIMEOUT_S:g} s on a "
+                f"continuation of {len(continuation):,} characters (it backtracks too much); simplify it or "
+                "lower --n-gen"
+            ) from None
         return None if m is None or m.group(1) is None else normalize(m.group(1))
 
     def matches(self, continuation: str, references: Sequence[str]) -> bool:
