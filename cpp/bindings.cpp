@@ -178,6 +178,9 @@ PYBIND11_MODULE(_core, m) {
                  d["n_item_tokens"] = s.n_item_tokens;
                  d["n_calls"]       = s.n_calls;
                  d["t_decode_s"]    = s.t_decode_s;
+                 d["t_score_s"]     = s.t_score_s;
+                 d["t_tokenize_s"]  = s.t_tokenize_s;
+                 d["n_score"]       = s.n_score;
                  return d;
              })
         .def("reset_stats", &zt::context::reset_stats);

@@ -582,6 +582,16 @@ std::vector<float> context::logits(const std::vector<llama_token> & tokens) {
 }
 
 std::vector<item_score> context::score(const std::vector<score_item> & items, const score_options & opt) {
+    using clock = std::chrono::steady_clock;
+    // the call's time goes into stats_ however it ends
+    struct timer {
+        score_stats & stats;
+        clock::time_point t0 = clock::now();
+        ~timer() {
+            stats.t_score_s += std::chrono::duration<double>(clock::now() - t0).count();
+            stats.n_score += 1;
+        }
+    } score_timer{ stats_ };
     std::vector<item_score> results(items.size());
     if (items.empty()) {
         return results;
@@ -593,6 +603,7 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
     const bool add_bos = model_.info().add_bos;
 
     // tokenize; the branch point is where every choice's tokens part from the prompt's
+    const clock::time_point t_tok = clock::now();
     std::vector<plan> plans(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
         const score_item & it = items[i];
@@ -643,6 +654,7 @@ std::vector<item_score> context::score(const std::vector<score_item> & items, co
             stats_.n_item_tokens += (int64_t) p.whole[c].size();
         }
     }
+    stats_.t_tokenize_s += std::chrono::duration<double>(clock::now() - t_tok).count();
 
     // the prefix shared by every item is evaluated once in seq 0 (each item keeps at least one token of its own)
     size_t g = plans[0].branch - 1;

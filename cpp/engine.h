@@ -133,7 +133,10 @@ struct score_stats {
     int64_t n_outputs   = 0; // positions whose logits were computed
     int64_t n_item_tokens = 0; // prompt + every choice, as written (what a naive scorer would evaluate)
     int32_t n_calls     = 0; // llama_decode calls
-    double  t_decode_s  = 0.0;
+    double  t_decode_s  = 0.0; // in llama_decode
+    double  t_score_s   = 0.0; // in score(), all of it (decode, tokenization, the work on the logits rows)
+    double  t_tokenize_s = 0.0; // in score()'s tokenization (the model's cache included)
+    int32_t n_score     = 0; // score() calls
 };
 
 class context {
