@@ -250,6 +250,16 @@ CORPUS: dict[str, Case] = {
     # abort, GGML_ASSERT(ggml_can_mul_mat(k, q)): KV heads that do not divide the heads (tensors agree)
     "kv-heads-not-a-divisor": Case("llama", kv_heads(3), "llama.attention.head_count_kv"),
     "kv-heads-above-heads": Case("llama", kv_heads(8), "llama.attention.head_count_kv"),
+    # abort, GGML_ASSERT(ggml_nelements(a) == ne0*ne1*ne2) in ggml_reshape_3d (the fuzzer's K6): 2^31 + 2 KV
+    # heads of size 16 wrap n_embd_k_gqa (uint32) to 32, the tensors' real width
+    "kv-heads-width-wraps": Case("llama", kv(A_KV, 2**31 + 2, U32), "llama.attention.head_count_kv"),
+    # abort at the first decode, GGML_ASSERT(eps >= 0.0f) in rms_norm (the fuzzer's K5)
+    "rms-eps-negative": Case(
+        "llama", kv("{arch}.attention.layer_norm_rms_epsilon", -1.9e20, F32), "layer_norm_rms_epsilon"
+    ),
+    "rms-eps-nan": Case(
+        "llama", kv("{arch}.attention.layer_norm_rms_epsilon", float("nan"), F32), "layer_norm_rms_epsilon"
+    ),
     # abort, GGML_ASSERT(rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED)
     "rope-scaling-unknown": Case("llama", kv("{arch}.rope.scaling.type", "bogus", STR), "rope.scaling.type"),
     # gemma3: abort, GGML_ASSERT(n_dims <= ne0) / GGML_ASSERT(n_dims % 2 == 0) in rope; 0: llama.cpp hung
@@ -372,6 +382,7 @@ NEAR_MISSES: dict[str, Case] = {
         "llama", both(as_arch("deci"), kv_heads(1, range(1, 2)), kv(A_KV, [2, 1], ARR, U32)), ""
     ),
     "kv-heads-one": Case("llama", kv_heads(1), ""),
+    "rms-eps-0": Case("llama", kv("{arch}.attention.layer_norm_rms_epsilon", 0.0, F32), ""),
     "rope-scaling-yarn": Case("llama", kv("{arch}.rope.scaling.type", "yarn", STR), ""),
     "rope-dims-equal-head": Case("gemma3", kv("{arch}.rope.dimension_count", 16, U32), ""),
     "experts-0": Case(

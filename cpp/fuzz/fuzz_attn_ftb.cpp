@@ -39,6 +39,12 @@
 //   K4 (this patch, fixed) a llama-arch file with unequal per-layer head_count values and a bias on aborted:
 //      the bias view had hparams.n_head(il) values while the llama graph's Q has layer 0's head count. The
 //      view now takes its length from Q; such files are loaded and checked like any other.
+//   K5 (upstream, stock too; found 2026-12-06 by the 1,000,000 run) a norm epsilon below 0 or NaN
+//      ({arch}.attention.layer_norm_rms_epsilon flipped to -1.9e20): the model loads, and the first decode hits
+//      GGML_ASSERT(eps >= 0.0f) in ggml-cpu's rms_norm. gguf_meta refuses such files.
+//   K6 (upstream, stock too; found 2026-12-06) {arch}.attention.head_count_kv flipped to 2147483650: the KV
+//      width n_head_kv * head size is computed in uint32 and wraps to 32, the tensors' real width, so the
+//      model loads, and the graph's ggml_reshape_3d asserts. gguf_meta refuses such files.
 //   U1 (upstream ggml, UBSan) gguf.cpp loads a key/value's type byte into `enum gguf_type` before checking it:
 //      "load of value N, which is not a valid value for type 'gguf_type'"; suppressed by cpp/fuzz/ubsan.supp.
 //   U2 (upstream llama.cpp, UBSan) general.file_type is loaded into `enum llama_ftype` unchecked
@@ -188,6 +194,8 @@ struct stats_t {
     uint64_t gguf_refused = 0;        // the gguf parser refused the file
     uint64_t known_k1 = 0;            // skipped: known finding K1 (see known_finding_of)
     uint64_t known_k2 = 0;            // skipped: known finding K2
+    uint64_t known_k5 = 0;            // skipped: known finding K5 (a negative or NaN norm epsilon)
+    uint64_t known_k6 = 0;            // skipped: known finding K6 (KV head count x head size past 2^32)
     uint64_t model_refused = 0;       // parsed, but llama.cpp refused the model
     uint64_t loaded = 0;
     uint64_t loaded_bias_on = 0;      // a stored bias was applied
@@ -573,6 +581,27 @@ expectation expect_of(const std::string & path) {
     if (arch == "llama" && kv_ok && differ(heads_kv)) {
         e.known_finding = 2;
     }
+    // K5: a norm epsilon below 0 or NaN reaches GGML_ASSERT(eps >= 0.0f) in the first decode
+    for (const char * k : { ".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon" }) {
+        const int64_t id = gguf_find_key(g, (arch + k).c_str());
+        if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_FLOAT32 && !(gguf_get_val_f32(g, id) >= 0.0f)) {
+            e.known_finding = 5;
+        }
+    }
+    // K6: the KV width n_head_kv * head size is computed in uint32: past 2^32 it wraps to a width the tensors
+    // have, and the graph's reshape asserts
+    {
+        uint32_t n_embd = 0, k_len = 0, v_len = 0;
+        read_u32_key(g, arch + ".embedding_length", n_embd);
+        for (uint32_t il = 0; kv_ok && il < n_layer; ++il) {
+            const uint32_t dflt = heads[il] ? n_embd / heads[il] : 0;
+            const uint64_t k = read_u32_key(g, arch + ".attention.key_length", k_len) ? k_len : dflt;
+            const uint64_t v = read_u32_key(g, arch + ".attention.value_length", v_len) ? v_len : dflt;
+            if ((uint64_t) heads_kv[il] * std::max(k, v) > UINT32_MAX || (uint64_t) heads[il] * std::max(k, v) > UINT32_MAX) {
+                e.known_finding = 6;
+            }
+        }
+    }
     e.known = true;
     const uint32_t n_head_max = heads.empty() ? 0 : *std::max_element(heads.begin(), heads.end());
     e.heads_differ = differ(heads);
@@ -807,7 +836,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     g_log.clear();
     if (e.known_finding && g_skip_known) {
         // a known crash (known_finding_of), reported separately: not loaded, so that the run goes on
-        ++(e.known_finding == 1 ? g_stats.known_k1 : g_stats.known_k2);
+        ++(e.known_finding == 1 ? g_stats.known_k1 : e.known_finding == 2 ? g_stats.known_k2
+           : e.known_finding == 5 ? g_stats.known_k5 : g_stats.known_k6);
         return 0;
     }
 
@@ -853,6 +883,8 @@ extern "C" void zt_fuzz_print_stats(FILE * out) {
     std::fprintf(out, "stat gguf_refused %" PRIu64 "\n", s.gguf_refused);
     std::fprintf(out, "stat skipped_known_k1_block_count %" PRIu64 "\n", s.known_k1);
     std::fprintf(out, "stat skipped_known_k2_llama_per_layer_kv_heads %" PRIu64 "\n", s.known_k2);
+    std::fprintf(out, "stat skipped_known_k5_norm_eps %" PRIu64 "\n", s.known_k5);
+    std::fprintf(out, "stat skipped_known_k6_kv_width_overflow %" PRIu64 "\n", s.known_k6);
     std::fprintf(out, "stat model_refused %" PRIu64 "\n", s.model_refused);
     std::fprintf(out, "stat loaded %" PRIu64 "\n", s.loaded);
     std::fprintf(out, "stat loaded_bias_on %" PRIu64 "\n", s.loaded_bias_on);

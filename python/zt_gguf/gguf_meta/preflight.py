@@ -8,7 +8,10 @@ needs, so that no model llama.cpp can run is refused:
 
 * head counts: unequal per-layer KV head counts only in the architectures whose graph reads them per layer
   (PER_LAYER_KV_ARCHS; the others size the KV cache per layer but compute K with layer 0's count); the query
-  heads a multiple of the KV heads (the attention's broadcast);
+  heads a multiple of the KV heads (the attention's broadcast); head counts times head sizes below 2^32
+  (llama.cpp computes the widths in uint32: a wrapped width can equal the tensors', and the graph asserts);
+* norm epsilons (``layer_norm_rms_epsilon``, ``layer_norm_epsilon``) not below 0 and not NaN (the first
+  decode would hit ggml's GGML_ASSERT(eps >= 0.0f));
 * rope: ``rope.dimension_count`` (and its _swa twin) even, not 0, at most the head size ``key_length``; the
   scaling type one llama.cpp knows;
 * experts and next-token-prediction layers: llama.cpp's asserts on their counts;
@@ -123,6 +126,7 @@ def check_model(path: str | os.PathLike[str]) -> ModelInfo:
     layout = read_layout(Path(path))
     info = model_info(layout)
     _check_heads(layout, info)
+    _check_norm_eps(layout, info)
     _check_rope(layout, info)
     _check_experts(layout, info)
     _check_tensors(layout)
@@ -172,6 +176,7 @@ def _check_heads(layout: Layout, info: ModelInfo) -> None:
     if heads is None or kv_heads is None:
         return
     named = kv_key if kv_key in layout.kvs else f"{head_key} (no {kv_key})"
+    _check_widths(layout, info, heads, kv_heads, named)
     per_layer = info.arch in PER_LAYER_KV_ARCHS
     if not per_layer and len(set(kv_heads)) > 1:
         raise _refuse(
@@ -185,6 +190,38 @@ def _check_heads(layout: Layout, info: ModelInfo) -> None:
                 layout,
                 f"key {named}: {kv_heads[il]} KV heads do not divide the {heads[il]} attention heads "
                 f"({head_key}) of layer {il}",
+            )
+
+
+def _check_widths(layout: Layout, info: ModelInfo, heads: list[int], kv_heads: list[int], named: str) -> None:
+    """Head counts times head sizes below 2^32 (llama.cpp's n_embd_k_gqa and kin are uint32)."""
+    n_embd = _u32(layout, Keys.LLM.EMBEDDING_LENGTH.format(arch=info.arch), 0) or 0
+    for il in range(info.n_layer):
+        default = n_embd // heads[il] if heads[il] else 0
+        sizes = [
+            _u32(layout, key.format(arch=info.arch), default) or 0
+            for key in (Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH)
+        ]
+        for count, key in (
+            (kv_heads[il], named),
+            (heads[il], Keys.Attention.HEAD_COUNT.format(arch=info.arch)),
+        ):
+            if count * max(sizes) >= 2**32:
+                raise _refuse(
+                    layout,
+                    f"key {key}: {count} heads of size {max(sizes)} in layer {il} are wider than 2^32 values "
+                    "(llama.cpp's widths would wrap around)",
+                )
+
+
+def _check_norm_eps(layout: Layout, info: ModelInfo) -> None:
+    for key in (Keys.Attention.LAYERNORM_RMS_EPS, Keys.Attention.LAYERNORM_EPS):
+        kv = layout.kvs.get(key.format(arch=info.arch))
+        if kv is not None and kv.type == GGUFValueType.FLOAT32 and not float(kv.value) >= 0.0:
+            raise _refuse(
+                layout,
+                f"key {kv.key} is {float(kv.value):g}: a norm epsilon must be 0 or more (llama.cpp would "
+                "abort at the first decode)",
             )
 
 
