@@ -11,9 +11,10 @@ llama.cpp is batch-invariant up to float rounding and "equal" can mean equal tok
 top-2 log-probabilities, echoed prompts with log-probabilities, chat with log-probabilities, each under the
 model's own biases, "none", p1 or p2; 5% streaming completions whose client leaves after the first event;
 10% malformed requests (zt_gguf.soak.bad_requests, 83 kinds). Every well-formed answer is compared with the
-same request served alone (tokens equal, a divergence at a near-tie < 1e-3 counted as a tie, log-probabilities
-within ATOL), every malformed one must get a 4xx naming the field; the server must stay up, answer /health,
-exit 0 on SIGTERM, and its RSS grow by less than 32 MiB from after the warm-up burst to the end.
+same request served alone (tokens equal, log-probabilities within ATOL; a divergence where the alone answer's
+top-2 gap is below ATOL counts as a tie: the rounding that moves log-probabilities by up to ATOL can swap two
+tokens that close), every malformed one must get a 4xx naming the field; the server must stay up, answer
+/health, exit 0 on SIGTERM, and its RSS grow by less than 32 MiB from after the warm-up burst to the end.
 
 Records OUT/soak.json and OUT/soak.md (command, machine, date); exit 1 when anything failed.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from _common import machine, utc_now, write_record
 from zt_gguf import gguf_meta, models, profiles
 from zt_gguf.soak import SoakResult, bad_requests, run_soak, soak_plan
-from zt_gguf.testing import SERVER_TIE, make_prompts, start_server, stop_server
+from zt_gguf.testing import make_prompts, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-2  # as bench_load.py: F16 K/V and other batch shapes, measured up to 3.7e-3 on this model
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "in [0.25, 4]",
         "server": "llama-server -np 4 -c 2048 -t 1 -fa off --attn-ftb-profile p1=... p2=... (our tree)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
-        "tie": SERVER_TIE,
+        "tie": ATOL,
         "rss_limit_mib": RSS_LIMIT_MIB,
         "exit_code": code,
         "result": {k: v for k, v in dataclasses.asdict(res).items() if k != "alone"},

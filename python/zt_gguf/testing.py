@@ -791,9 +791,11 @@ def top2_gap(logprobs: Iterable[float]) -> float:
     return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
-def compare_responses(got: Response, ref: Response, atol: float) -> tuple[str, float]:
-    """("equal", "tie" (a divergence at a near-tie of the reference) or what differs; the largest
-    log-probability difference over the tokens both have)."""
+def compare_responses(
+    got: Response, ref: Response, atol: float, tie: float = SERVER_TIE
+) -> tuple[str, float]:
+    """("equal", "tie" (a divergence where the reference's top-2 gap is below `tie`) or what differs; the
+    largest log-probability difference over the tokens both have)."""
     if not got.ok:
         return f"error: {got.error}", 0.0
     probs = len(got.logprobs) == len(got.tokens) and len(ref.logprobs) == len(ref.tokens)
@@ -801,7 +803,7 @@ def compare_responses(got: Response, ref: Response, atol: float) -> tuple[str, f
     for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)):
         if a != b:
             gap = ref.gaps[k] if k < len(ref.gaps) else float("inf")
-            return ("tie" if gap < SERVER_TIE else f"token {k}: {a} != {b} (gap {gap:.4f})"), worst
+            return ("tie" if gap < tie else f"token {k}: {a} != {b} (gap {gap:.4f})"), worst
         if probs:
             worst = max(worst, abs(got.logprobs[k] - ref.logprobs[k]))
             if worst > atol:
