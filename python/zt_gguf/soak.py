@@ -18,7 +18,6 @@ import http.client
 import json
 import random
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,7 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .testing import Response, Server, compare_responses, completion_response, rss_kib, top2_gap
+from .testing import (
+    Response,
+    RssPeak,
+    Server,
+    compare_responses,
+    completion_response,
+    rss_kib,
+    top2_gap,
+)
 
 PROFILE_OWN = ""  # no "attn_ftb" field: the model's own biases
 KINDS = ("completion", "echo", "chat", "stream_drop", "malformed")
@@ -424,17 +431,6 @@ class Soak:
             return list(pool.map(self.judge, plan))
 
 
-def _rss_sampler(pid: int, peak: list[int], stop: threading.Event) -> Callable[[], None]:
-    def sample() -> None:
-        while not stop.wait(0.05):
-            try:
-                peak[0] = max(peak[0], rss_kib(pid))
-            except (OSError, RuntimeError):
-                return
-
-    return sample
-
-
 def _profile_changes(alone: dict[tuple[str, str, str], Response]) -> int:
     """Of the prompts sent as completions under several profiles: how many get different answers."""
     by_prompt: dict[str, set[tuple[Any, ...]]] = {}
@@ -467,14 +463,10 @@ def run_soak(
         raise RuntimeError(f"the warm-up burst failed: {bad_warm[0].verdict}")
     pid = server.proc.pid
     rss_before = rss_kib(pid)
-    peak, stop = [rss_before], threading.Event()
-    sampler = threading.Thread(target=_rss_sampler(pid, peak, stop), daemon=True)
-    sampler.start()
     t0 = time.monotonic()
-    outcomes = soak.burst(plan, concurrency)
+    with RssPeak(pid, rss_before) as peak:
+        outcomes = soak.burst(plan, concurrency)
     seconds = time.monotonic() - t0
-    stop.set()
-    sampler.join()
     alive = server.proc.poll() is None and request(server, "/health", method="GET", timeout=30).status == 200
     rss_after = rss_kib(pid) if server.proc.poll() is None else 0
     say(f"{len(plan)} requests in {seconds:.0f} s")
@@ -492,7 +484,7 @@ def run_soak(
         atol=atol,
         rss_kib_before=rss_before,
         rss_kib_after=rss_after,
-        rss_kib_peak=peak[0],
+        rss_kib_peak=peak.peak,
         server_alive=alive,
         alone_requests=n_alone,
         answers_the_profile_changes=_profile_changes(soak.alone),

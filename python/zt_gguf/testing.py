@@ -739,6 +739,31 @@ def stop_server(server: Server) -> int:
     return int(proc.returncode)
 
 
+class RssPeak:
+    """The peak resident set size of a process (KiB), sampled every 50 ms by a thread inside the with-block;
+    it starts at `start`."""
+
+    def __init__(self, pid: int, start: int) -> None:
+        self.pid, self.peak = pid, start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, rss_kib(self.pid))
+            except (OSError, RuntimeError):
+                return
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process (VmRSS of /proc/PID/status), KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -848,25 +873,11 @@ def run_load(
         raise RuntimeError(f"the warm-up burst failed: {next(r.error for r in warm if not r.ok)}")
     pid = server.proc.pid
     rss_before = rss_kib(pid)
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            try:
-                peak[0] = max(peak[0], rss_kib(pid))
-            except (OSError, RuntimeError):
-                return
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     order = [prompts[i % len(prompts)] for i in range(n_requests)]
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    with RssPeak(pid, rss_before) as peak, ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(lambda p: complete(server, p, n_predict), order))
     seconds = time.monotonic() - t0
-    stop.set()
-    sampler.join()
     rss_after = rss_kib(pid)
     compared = [compare_responses(r, alone[p], atol) for p, r in zip(order, results)]
     verdicts = [v for v, _ in compared]
@@ -889,6 +900,6 @@ def run_load(
         "first_mismatches": mismatches[:3],
         "rss_kib_before": rss_before,
         "rss_kib_after": rss_after,
-        "rss_kib_peak": peak[0],
+        "rss_kib_peak": peak.peak,
         "alone": {p: {"tokens": r.tokens, "logprobs": r.logprobs} for p, r in alone.items()},
     }
