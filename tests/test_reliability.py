@@ -814,7 +814,8 @@ def kill_calibrate_repeatedly(
             break
         done = 0
         if (rep / "checkpoint.json").exists():
-            done = len(json.loads((rep / "checkpoint.json").read_text())["evaluations"])
+            runs = json.loads((rep / "checkpoint.json").read_text())["runs"]
+            done = sum(len(r["evaluations"]) for r in runs.values())
         phases.append("written" if out.exists() else f"{done} candidates done")
     return phases
 

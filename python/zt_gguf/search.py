@@ -75,7 +75,8 @@ objective + a hash of the items (in evaluation order) + a hash of the bias matri
 state is written atomically (temporary file + os.replace) to the checkpoint path after each one. A rerun
 with the same arguments replays the same sequence of candidates, takes the completed ones from the state
 without calling the scorer, and produces the same result. Records stopped early are reused only under the
-same racing settings; a checkpoint made with another ``scorer_id`` (model, scoring settings) is refused.
+same racing settings. The records are kept per ``scorer_id`` (model, scoring settings): one checkpoint file
+can hold the runs of several tasks or scorings, and a run uses only its scorer's records.
 
 Modules
 -------

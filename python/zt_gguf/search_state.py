@@ -20,7 +20,7 @@ from .tasks import Item
 
 __all__ = ["STATE_VERSION", "Evaluation", "SearchState", "bias_hash", "items_hash"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: one scorer's records; still read
 
 
 @dataclass
@@ -59,33 +59,41 @@ def items_hash(items: Sequence[Item]) -> str:
 
 @dataclass
 class SearchState:
-    """Completed candidate evaluations, keyed by objective:items-hash:bias-hash; JSON on disk."""
+    """Completed candidate evaluations of one scorer, keyed by objective:items-hash:bias-hash. On disk, one
+    JSON file holds the records of every scorer that used it (calibrations of other tasks or with other
+    scoring in the same report folder): loading takes this scorer's, saving keeps the others' as read."""
 
     scorer_id: str = ""
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    others: dict[str, Any] = field(default_factory=dict)  # the other scorers' records, as read
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": STATE_VERSION,
-                "scorer_id": self.scorer_id,
-                "evaluations": {k: asdict(v) for k, v in self.evaluations.items()},
-            }
-        )
+        runs = dict(self.others)
+        runs[self.scorer_id] = {"evaluations": {k: asdict(v) for k, v in self.evaluations.items()}}
+        return json.dumps({"version": STATE_VERSION, "runs": runs})
 
     @classmethod
-    def from_json(cls, text: str) -> SearchState:
+    def from_json(cls, text: str, scorer_id: str = "") -> SearchState:
+        """The records of scorer_id in a checkpoint (none: an empty state that keeps the others')."""
         obj = json.loads(text)
-        if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if obj.get("version") == 1:  # one scorer's records
+            runs = {obj["scorer_id"]: {"evaluations": obj["evaluations"]}}
+        elif obj.get("version") == STATE_VERSION and isinstance(obj.get("runs"), dict):
+            runs = dict(obj["runs"])
+        else:
             raise ValueError(f"not a version-{STATE_VERSION} search checkpoint")
+        mine = runs.pop(scorer_id, {"evaluations": {}})
         return cls(
-            scorer_id=obj["scorer_id"],
-            evaluations={k: Evaluation(**v) for k, v in obj["evaluations"].items()},
+            scorer_id=scorer_id,
+            evaluations={k: Evaluation(**v) for k, v in mine["evaluations"].items()},
+            others=runs,
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], scorer_id: str = "") -> SearchState:
-        """The state saved at path, or an empty one when there is no file."""
+        """This scorer's state saved at path, or an empty one when there is no file or no record of it."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -94,17 +102,11 @@ class SearchState:
         except OSError as e:
             raise SearchError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
         try:
-            state = cls.from_json(text)
-        except (ValueError, KeyError, TypeError) as e:
+            return cls.from_json(text, scorer_id)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SearchError(
                 f"{path}: not a valid search checkpoint ({e}); remove it to start over"
             ) from None
-        if state.scorer_id != scorer_id:
-            raise SearchError(
-                f"{path}: the checkpoint was made with scorer {state.scorer_id!r}, not {scorer_id!r};"
-                " remove it or use another checkpoint path"
-            )
-        return state
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state atomically (a temporary file in the same directory, then os.replace)."""
