@@ -132,7 +132,7 @@ run_chunk() {
     fi
     echo "stat wall_seconds_x10 $(python3 -c "print(int(10 * ($(date +%s.%N) - $t0)))")" >>"$out.tmp"
     mv "$out.tmp" "$out.out"
-    echo "bench_fuzz: seed $seed: $(grep "^fuzz:" "$out.out")" >&2
+    echo "bench_fuzz: seed $seed: $(grep "executions, 0 crashes" "$out.out")" >&2
 }
 CHUNKS=()
 left=$N

@@ -257,6 +257,9 @@ CORPUS: dict[str, Case] = {
     "rms-eps-negative": Case(
         "llama", kv("{arch}.attention.layer_norm_rms_epsilon", -1.9e20, F32), "layer_norm_rms_epsilon"
     ),
+    # not an abort: every logit NaN (the fuzzer's K7)
+    "rope-base-negative": Case("llama", kv("{arch}.rope.freq_base", -3.0e38, F32), "llama.rope.freq_base"),
+    "rope-base-inf": Case("gemma3", kv("{arch}.rope.freq_base_swa", float("inf"), F32), "rope.freq_base_swa"),
     "rms-eps-nan": Case(
         "llama", kv("{arch}.attention.layer_norm_rms_epsilon", float("nan"), F32), "layer_norm_rms_epsilon"
     ),

@@ -45,6 +45,8 @@
 //   K6 (upstream, stock too; found 2026-12-06) {arch}.attention.head_count_kv flipped to 2147483650: the KV
 //      width n_head_kv * head size is computed in uint32 and wraps to 32, the tensors' real width, so the
 //      model loads, and the graph's ggml_reshape_3d asserts. gguf_meta refuses such files.
+//   K7 (upstream, stock too; found 2026-12-06) {arch}.rope.freq_base not a positive finite number (flipped to
+//      -5.2e38): the model loads and decodes, and every logit is NaN. Not a crash; gguf_meta refuses such files.
 //   U1 (upstream ggml, UBSan) gguf.cpp loads a key/value's type byte into `enum gguf_type` before checking it:
 //      "load of value N, which is not a valid value for type 'gguf_type'"; suppressed by cpp/fuzz/ubsan.supp.
 //   U2 (upstream llama.cpp, UBSan) general.file_type is loaded into `enum llama_ftype` unchecked
@@ -196,6 +198,7 @@ struct stats_t {
     uint64_t known_k2 = 0;            // skipped: known finding K2
     uint64_t known_k5 = 0;            // skipped: known finding K5 (a negative or NaN norm epsilon)
     uint64_t known_k6 = 0;            // skipped: known finding K6 (KV head count x head size past 2^32)
+    uint64_t known_k7 = 0;            // skipped: known finding K7 (a rope base that gives NaN logits)
     uint64_t model_refused = 0;       // parsed, but llama.cpp refused the model
     uint64_t loaded = 0;
     uint64_t loaded_bias_on = 0;      // a stored bias was applied
@@ -588,6 +591,17 @@ expectation expect_of(const std::string & path) {
             e.known_finding = 5;
         }
     }
+    // K7: a rope frequency base that is not a positive finite number: the model loads and decodes, and every
+    // logit is NaN (nothing checks it upstream)
+    for (const char * k : { ".rope.freq_base", ".rope.freq_base_swa" }) {
+        const int64_t id = gguf_find_key(g, (arch + k).c_str());
+        if (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_FLOAT32) {
+            const float base = gguf_get_val_f32(g, id);
+            if (!(std::isfinite(base) && base > 0.0f)) {
+                e.known_finding = 7;
+            }
+        }
+    }
     // K6: the KV width n_head_kv * head size is computed in uint32: past 2^32 it wraps to a width the tensors
     // have, and the graph's reshape asserts
     {
@@ -837,7 +851,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     if (e.known_finding && g_skip_known) {
         // a known crash (known_finding_of), reported separately: not loaded, so that the run goes on
         ++(e.known_finding == 1 ? g_stats.known_k1 : e.known_finding == 2 ? g_stats.known_k2
-           : e.known_finding == 5 ? g_stats.known_k5 : g_stats.known_k6);
+           : e.known_finding == 5 ? g_stats.known_k5 : e.known_finding == 6 ? g_stats.known_k6 : g_stats.known_k7);
         return 0;
     }
 
@@ -885,6 +899,7 @@ extern "C" void zt_fuzz_print_stats(FILE * out) {
     std::fprintf(out, "stat skipped_known_k2_llama_per_layer_kv_heads %" PRIu64 "\n", s.known_k2);
     std::fprintf(out, "stat skipped_known_k5_norm_eps %" PRIu64 "\n", s.known_k5);
     std::fprintf(out, "stat skipped_known_k6_kv_width_overflow %" PRIu64 "\n", s.known_k6);
+    std::fprintf(out, "stat skipped_known_k7_rope_base_nan_logits %" PRIu64 "\n", s.known_k7);
     std::fprintf(out, "stat model_refused %" PRIu64 "\n", s.model_refused);
     std::fprintf(out, "stat loaded %" PRIu64 "\n", s.loaded);
     std::fprintf(out, "stat loaded_bias_on %" PRIu64 "\n", s.loaded_bias_on);

@@ -11,7 +11,8 @@ needs, so that no model llama.cpp can run is refused:
   heads a multiple of the KV heads (the attention's broadcast); head counts times head sizes below 2^32
   (llama.cpp computes the widths in uint32: a wrapped width can equal the tensors', and the graph asserts);
 * norm epsilons (``layer_norm_rms_epsilon``, ``layer_norm_epsilon``) not below 0 and not NaN (the first
-  decode would hit ggml's GGML_ASSERT(eps >= 0.0f));
+  decode would hit ggml's GGML_ASSERT(eps >= 0.0f)); ``rope.freq_base`` (and its _swa twin) a positive
+  finite number (else every logit is NaN: not an abort, but nothing a calibration could use);
 * rope: ``rope.dimension_count`` (and its _swa twin) even, not 0, at most the head size ``key_length``; the
   scaling type one llama.cpp knows;
 * experts and next-token-prediction layers: llama.cpp's asserts on their counts;
@@ -26,6 +27,7 @@ Every refusal is a GGUFMetaError: one line naming the file and the key or tensor
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -227,6 +229,14 @@ def _check_norm_eps(layout: Layout, info: ModelInfo) -> None:
 
 def _check_rope(layout: Layout, info: ModelInfo) -> None:
     arch = info.arch
+    for key in (Keys.Rope.FREQ_BASE, Keys.Rope.FREQ_BASE_SWA):
+        kv = layout.kvs.get(key.format(arch=arch))
+        if kv is not None and kv.type == GGUFValueType.FLOAT32 and not 0.0 < float(kv.value) < math.inf:
+            raise _refuse(
+                layout,
+                f"key {kv.key} is {float(kv.value):g}: a rope frequency base must be a positive number "
+                "(llama.cpp would compute NaN logits)",
+            )
     scaling_key = Keys.Rope.SCALING_TYPE.format(arch=arch)
     scaling = layout.kvs.get(scaling_key)
     if (
