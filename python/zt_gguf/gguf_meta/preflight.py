@@ -196,24 +196,25 @@ def _check_heads(layout: Layout, info: ModelInfo) -> None:
 
 
 def _check_widths(layout: Layout, info: ModelInfo, heads: list[int], kv_heads: list[int], named: str) -> None:
-    """Head counts times head sizes below 2^32 (llama.cpp's n_embd_k_gqa and kin are uint32)."""
+    """Head counts times head sizes below 2^32 (llama.cpp's n_embd_k_gqa and Q's width are uint32): the KV
+    heads of every layer where the file gives them, and layer 0's query heads (the count the graph computes Q
+    with; a file whose later layers claim absurd query counts runs with layer 0's)."""
     n_embd = _u32(layout, Keys.LLM.EMBEDDING_LENGTH.format(arch=info.arch), 0) or 0
-    for il in range(info.n_layer):
+    kv_given = Keys.Attention.HEAD_COUNT_KV.format(arch=info.arch) in layout.kvs
+    checks = [(heads[0], Keys.Attention.HEAD_COUNT.format(arch=info.arch), 0)] if heads else []
+    checks += [(kv_heads[il], named, il) for il in range(info.n_layer)] if kv_given else []
+    for count, key, il in checks:
         default = n_embd // heads[il] if heads[il] else 0
-        sizes = [
-            _u32(layout, key.format(arch=info.arch), default) or 0
-            for key in (Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH)
-        ]
-        for count, key in (
-            (kv_heads[il], named),
-            (heads[il], Keys.Attention.HEAD_COUNT.format(arch=info.arch)),
-        ):
-            if count * max(sizes) >= 2**32:
-                raise _refuse(
-                    layout,
-                    f"key {key}: {count} heads of size {max(sizes)} in layer {il} are wider than 2^32 values "
-                    "(llama.cpp's widths would wrap around)",
-                )
+        size = max(
+            _u32(layout, k.format(arch=info.arch), default) or 0
+            for k in (Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH)
+        )
+        if count * size >= 2**32:
+            raise _refuse(
+                layout,
+                f"key {key}: {count} heads of size {size} in layer {il} are wider than 2^32 values "
+                "(llama.cpp's widths would wrap around)",
+            )
 
 
 def _check_norm_eps(layout: Layout, info: ModelInfo) -> None:
