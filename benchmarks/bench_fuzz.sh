@@ -230,6 +230,13 @@ rec = {
         "K3": "upstream: two equal token strings -> GGML_ASSERT in llama_vocab load (stock too); not generated",
         "K4": "fixed in our patch 0002 (the bias view's length is taken from Q): llama-arch file with unequal "
         "per-layer head_count and a bias on aborted in ggml_soft_max_add_kv_bias",
+        "K5": "upstream: a norm epsilon below 0 or NaN -> GGML_ASSERT(eps >= 0.0f) at the first decode (stock "
+        "too); gguf_meta refuses such files",
+        "K6": "upstream: a head count whose width (count x head size) passes 2^32 wraps uint32, loads, and "
+        "ggml_reshape_3d asserts (stock too); gguf_meta refuses KV widths (and layer 0's query width) past 2^32; "
+        "the fuzzer skips a wider set (query heads of every layer)",
+        "K7": "upstream: rope.freq_base not a positive finite number -> every logit NaN (stock too; not an "
+        "abort); gguf_meta refuses such files",
         "U1": "upstream ggml gguf.cpp: out-of-range type byte loaded into enum gguf_type (UBSan), "
         "suppressed by cpp/fuzz/ubsan.supp",
         "U2": "upstream llama.cpp: general.file_type loaded into enum llama_ftype unchecked (UBSan); not flipped",
