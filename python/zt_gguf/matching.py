@@ -10,7 +10,7 @@
 * ``regex``: the first group of a user's regular expression (searched in the continuation) equals a
   reference after normalisation. A regex that repeats a repeat (``(a+)+``, ``((?:\\w+ ?)+)\\.``) is refused:
   Python's re can take exponential time on such a pattern when a continuation does not match. Other shapes
-  backtrack exponentially too (overlapping alternatives in a repeat: ``((?:a|a)*)$``, ``((?:\\w|\\d)+)$``), so
+  backtrack exponentially too (overlapping alternatives in a repeat: ``((?:a|a)*)$``, ``((?:a|aa)+)$``), so
   the regex is also tried on a few probe texts within PROBE_TIMEOUT_S when the rule is made, and every
   search runs under a time limit (the ``regex`` module's ``timeout``, which Python's re lacks): a search past
   MATCH_TIMEOUT_S is a MatchTimeoutError, one line naming the regex, never a hang.
@@ -197,7 +197,7 @@ class MatchRule:
                 raise MatchRuleError(
                     f"the answer regex {_shown(self.pattern)} takes over {PROBE_TIMEOUT_S} s on a "
                     f"{len(PROBES[0]) - 1}-character text: it backtracks exponentially (alternatives in a "
-                    "repeat that can match the same text, like (?:a|a)* or (?:\\w|\\d)+); use one character "
+                    "repeat that can match the same text, like (?:a|a)* or (?:a|aa)+); use one character "
                     "class ([\\w]+) or alternatives that start differently"
                 )
 
