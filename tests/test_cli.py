@@ -93,6 +93,28 @@ def test_calibrate_writes_a_tuned_model_that_reproduces_the_report(tiny: Path, t
     assert summary.accuracy_choice == pytest.approx(rep["tuned"]["accuracy_choice"], abs=1e-9)
 
 
+def test_calibrate_probe_items_scores_the_probes_on_the_first_items(tiny: Path, tmp_path: Path) -> None:
+    task = _task(tmp_path / "task.jsonl", 100)  # 70 calibration items: chunks of 32, 32 and 6
+
+    def run(*extra: str) -> dict:
+        code, stdout, stderr = _run(
+            "calibrate", str(tiny), "--task", str(task), "-o", str(tmp_path / "t.gguf"),
+            "--scoring", "choice", "--objective", "logprob", "--threads", "1",
+            "--grid-up", "2,4", "--grid-down", "0.25,0.5", "--no-early-stop", "--no-resume",
+            "--json", "--quiet", *extra,
+        )  # fmt: skip
+        assert code == 0, stderr
+        return json.loads(stdout)
+
+    full, cheap = run(), run("--probe-items", "20")
+    n_head = gguf_meta.read_model_info(tiny).n_head
+    n_cal = full["task"]["n_calibration"]
+    assert n_cal == 70 and cheap["search"]["settings"]["probe_items"] == 20
+    # 2 probes per head on the first 32 items (20 rounded up to a chunk) instead of all 70
+    saved = 2 * n_head * (n_cal - 32)
+    assert cheap["evaluations"]["items_scored"] == full["evaluations"]["items_scored"] - saved
+
+
 def test_apply_show_strip_round_trip_on_a_known_bias(tiny: Path, tmp_path: Path) -> None:
     """A tuned file made from a known bias matrix (apply --from a JSON file), then show / strip / apply
     checked against that matrix, read a second way with the gguf package's own reader."""

@@ -783,3 +783,140 @@ def test_event_names_and_payload_keys() -> None:
     assert indices == list(range(1, len(indices) + 1))
     dones = [d["n_done"] for n, d in events if n == "done"]
     assert dones == list(range(1, len(dones) + 1)) and len(dones) == len(indices)
+
+
+# --- probes on a subsample (SearchConfig.probe_items) -------------------------------------------------------
+
+
+class Recorder:
+    """A FakeModel scorer that remembers which items each bias was scored on."""
+
+    def __init__(self, model: FakeModel) -> None:
+        self.model = model
+        self.items_of: dict[str, list[str]] = {}
+
+    def __call__(self, bias: np.ndarray, items: Sequence[Item]) -> list[FakeScores]:
+        self.items_of.setdefault(bias_hash(bias), []).extend(it.id for it in items)
+        return self.model(bias, items)
+
+
+def _probe_bias(model: FakeModel, h: int, gamma: float) -> np.ndarray:
+    b = np.zeros(model.shape, np.float32)
+    b[:, h] = np.float32(math.log(gamma))
+    return b
+
+
+@pytest.mark.parametrize("objective", ["accuracy-choice", "logprob"])
+def test_probe_items_scores_the_probes_on_the_first_chunks_only(objective: str) -> None:
+    model = FakeModel()
+    rec = Recorder(model)
+    config = SearchConfig(objective=objective, chunk_size=16, probe_items=40, early_stop=False)
+    r = search(rec, model.items, model.shape, config)
+    order = [model.items[i].id for i in np.random.default_rng(0).permutation(len(model.items))]
+    first = order[:48]  # 40 items rounded up to whole chunks of 16
+    zero = np.zeros(model.shape, np.float32)
+    assert rec.items_of[bias_hash(zero)] == order  # the baseline: every item, once
+    for h in range(N_HEAD):
+        for gamma, gains in ((2.0, r.gains_up), (0.5, r.gains_down)):
+            bias = _probe_bias(model, h, gamma)
+            assert rec.items_of[bias_hash(bias)] == first
+            # the gain: the paired mean over those items, recomputed from the fake's margins
+            idx = [model.index[i] for i in first]
+            if objective == "accuracy-choice":
+                expected = np.mean(model.margins(bias)[idx] > 0) - np.mean(model.margins(zero)[idx] > 0)
+            else:
+                expected = np.mean(-np.logaddexp(0, -model.margins(bias)[idx])) - np.mean(
+                    -np.logaddexp(0, -model.margins(zero)[idx])
+                )
+            assert gains[h] == pytest.approx(expected, abs=1e-12)
+    # the grid is scored on every item
+    for c in r.candidates:
+        assert c.n_items_evaluated == (48 if c.stage == "probe" else len(model.items))
+    assert r.heads == [1, 4, 6] and r.head_type == "up"
+    full = search(
+        FakeModel(),
+        model.items,
+        model.shape,
+        SearchConfig(objective=objective, chunk_size=16, early_stop=False),
+    )
+    assert r.items_scored == model.items_scored == full.items_scored - 2 * N_HEAD * (len(model.items) - 48)
+
+
+def test_probe_items_at_or_above_the_item_count_is_the_paper_search() -> None:
+    items = FakeModel().items
+    full = search(FakeModel(), items, (N_LAYER, N_HEAD), SearchConfig(objective="logprob", chunk_size=16))
+    for m in (len(items), 10_000, len(items) - 5):  # 187 rounds up to 192: every item
+        r = search(
+            FakeModel(),
+            items,
+            (N_LAYER, N_HEAD),
+            SearchConfig(objective="logprob", chunk_size=16, probe_items=m),
+        )
+        a, b = r.to_dict(include_run=False), full.to_dict(include_run=False)
+        assert a.pop("config")["probe_items"] == m
+        b.pop("config")
+        assert a == b
+
+
+def _mutual_information(model: FakeModel, bias: np.ndarray, idx: list[int]) -> float:
+    """H(mean p) - mean H(p) of the fake's two-choice distributions, from its margins (NumPy)."""
+    m = model.margins(bias)[idx]
+    p1 = np.where(model.answers[idx] == 1, 1 / (1 + np.exp(-m)), 1 / (1 + np.exp(m)))
+    p = np.stack([1 - p1, p1], axis=1)
+
+    def h(q: np.ndarray) -> np.ndarray:
+        return -np.sum(q * np.log(q), axis=-1)
+
+    return float(max(0.0, h(p.mean(axis=0)) - np.mean(h(p))))
+
+
+def test_probe_items_without_per_item_values_scores_a_baseline_on_the_same_items() -> None:
+    model = FakeModel(labelled=False)
+    rec = Recorder(model)
+    config = SearchConfig(objective="mutual-information", chunk_size=16, probe_items=32)
+    r = search(rec, model.items, model.shape, config)
+    by = _by_description(r)
+    assert by["baseline on 32 items"].n_items_evaluated == 32
+    order = [model.items[i].id for i in np.random.default_rng(0).permutation(len(model.items))]
+    idx = [model.index[i] for i in order[:32]]
+    zero = np.zeros(model.shape, np.float32)
+    assert rec.items_of[bias_hash(zero)] == order + order[:32]  # all items, then the probes' 32 again
+    for h in range(N_HEAD):
+        for gamma, gains in ((2.0, r.gains_up), (0.5, r.gains_down)):
+            bias = _probe_bias(model, h, gamma)
+            assert rec.items_of[bias_hash(bias)] == order[:32]
+            expected = _mutual_information(model, bias, idx) - _mutual_information(model, zero, idx)
+            assert gains[h] == pytest.approx(expected, abs=1e-9)
+    # the pick is judged on every item: the best is the baseline or a grid candidate scored on all of them
+    assert by[r.best_description].n_items_evaluated == len(model.items)
+
+
+def test_probe_items_racing_resume_and_workers(tmp_path: Path) -> None:
+    config = SearchConfig(method="bands", objective="logprob", chunk_size=16, budget=10, probe_items=64)
+    straight_model = FakeModel()
+    straight = search(straight_model, straight_model.items, straight_model.shape, config)
+    assert any(c.stopped_early and c.stage == "probe" for c in straight.candidates)  # raced within 64 items
+    assert all(c.n_items_evaluated <= 64 for c in straight.candidates if c.stage == "probe")
+    # interrupted, then resumed from the checkpoint: the same search
+    ckpt = tmp_path / "search.json"
+    model = FakeModel()
+    model.fail_after = straight_model.calls // 2
+    with pytest.raises(Interrupted):
+        search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="fake")
+    model.fail_after = None
+    assert _same(search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="fake"), straight)
+    # a checkpoint of the full-probe search is not reused for the subsampled probes, nor the reverse
+    other = FakeModel()
+    full_config = SearchConfig(method="bands", objective="logprob", chunk_size=16, budget=10)
+    full = search(other, other.items, other.shape, full_config, checkpoint=ckpt, scorer_id="fake")
+    assert _same(full, search(FakeModel(), other.items, other.shape, full_config))
+    # several workers make the same picks
+    par_model = FakeModel()
+    parallel = search(None, par_model.items, par_model.shape, config, pool=ShuffledPool(par_model, 3, seed=1))
+    assert _same(parallel, straight)
+
+
+def test_probe_items_config_error() -> None:
+    model = FakeModel()
+    with pytest.raises(SearchError, match="probe_items must be >= 1"):
+        search(model, model.items, model.shape, SearchConfig(probe_items=0))

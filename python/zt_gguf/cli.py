@@ -291,6 +291,12 @@ calibrate_options = [
         help="Extra candidates for --search bands/heads.",
     ),
     click.option(
+        "--probe-items",
+        type=click.IntRange(min=1),
+        help="Score the head probes on the first N calibration items only (rounded up to whole chunks of "
+        "32); the grid is still judged on every item. Cuts the search's cost; see docs/calibrate.md.",
+    ),
+    click.option(
         "--holdout",
         type=click.FloatRange(0.0, 0.9),
         default=0.3,
@@ -388,6 +394,7 @@ def _calibrate_options(p: dict[str, Any]) -> CalibrateOptions:
         layer_end=layer_end,
         budget=p["budget"],
         early_stop=not p["no_early_stop"],
+        probe_items=p["probe_items"],
         **{f"grid_{k}": g for k, g in grids.items()},
     )
     return CalibrateOptions(

@@ -121,6 +121,7 @@ from .search_rules import (
     head_coordinates,
     head_gammas,
     max_candidates,
+    probe_items,
     top_heads,
 )
 from .search_state import STATE_VERSION, Evaluation, SearchState, bias_hash, items_hash
@@ -254,16 +255,25 @@ class _Search:
         return base
 
     def _probes(self, base: Evaluation) -> tuple[list[float], list[float]]:
-        """(gains_up, gains_down) per head index: both probes of head h in every layer, raced against base."""
+        """(gains_up, gains_down) per head index: both probes of head h in every layer, raced against base; on
+        the first probe_items items only when the config says so (the gains are then measured on those items,
+        against the baseline's values there, or a baseline scored on them when the objective has none)."""
         c = self.config
-        self.progress.begin("probe", 2 * self.shape[1])
+        m = probe_items(c, self.ev.n)
+        ref = base
+        if m is not None and base.values is None:
+            self.progress.begin("probe baseline", 1, m)
+            zeros = np.zeros(self.shape, np.float32)
+            ref = self.ev.evaluate(zeros, f"baseline on {m} items", None, n_items=m)
+            self.progress.end()
+        self.progress.begin("probe", 2 * self.shape[1], m)
         probes = []
         for h in range(self.shape[1]):
             probes.append((self._bias([h], c.probe_up), f"probe head {h} gamma={c.probe_up:g}"))
             probes.append((self._bias([h], c.probe_down), f"probe head {h} gamma={c.probe_down:g}"))
-        recs = self.ev.evaluate_batch(probes, base, chain=False)
-        gains_up = [gain(rec, base) for rec in recs[0::2]]
-        gains_down = [gain(rec, base) for rec in recs[1::2]]
+        recs = self.ev.evaluate_batch(probes, ref, chain=False, n_items=m)
+        gains_up = [gain(rec, ref) for rec in recs[0::2]]
+        gains_down = [gain(rec, ref) for rec in recs[1::2]]
         self.progress.end()
         return gains_up, gains_down
 

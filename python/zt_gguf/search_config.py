@@ -35,6 +35,8 @@ class SearchConfig:
     budget: int = 60  # new candidates scored by the finer stage ("bands" / "heads")
     early_stop: bool = True
     chunk_size: int = 32
+    # score the head probes on the first probe_items items only (rounded up to whole chunks); None: all items
+    probe_items: int | None = None
     seed: int = 0  # of the permutation that fixes the order in which items are scored
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +80,8 @@ def validated(config: SearchConfig, shape: tuple[int, int], items: Sequence[Item
         raise SearchError(f"budget must be >= 0, got {config.budget}")
     if config.chunk_size < 1:
         raise SearchError(f"chunk_size must be >= 1, got {config.chunk_size}")
+    if config.probe_items is not None and config.probe_items < 1:
+        raise SearchError(f"probe_items must be >= 1, got {config.probe_items}")
     return replace(config, grid_up=grid_up, grid_down=grid_down)
 
 

@@ -75,21 +75,39 @@ class Evaluator:
         # ahead for a candidate that the race stopped): its result is dropped when it comes
         self.jobs: dict[int, tuple[_Batch, int, int]] = {}
 
-    def key(self, bias: np.ndarray) -> str:
-        return f"{self.objective_name}:{self.items_hash[:16]}:{bias_hash(bias)[:16]}"
+    def key(self, bias: np.ndarray, n_items: int | None = None) -> str:
+        """The record key of bias scored on the first n_items items (None: all of them)."""
+        key = f"{self.objective_name}:{self.items_hash[:16]}:{bias_hash(bias)[:16]}"
+        return key if n_items is None or n_items >= self.n else f"{key}@{n_items}"
+
+    def limit(self, n_items: int | None) -> int:
+        """The items a candidate asked to be scored on its first n_items items is scored on: whole chunks."""
+        if n_items is None:
+            return self.n
+        return min(self.n, math.ceil(n_items / self.chunk_size) * self.chunk_size)
 
     def seen(self, bias: np.ndarray) -> bool:
         return self.key(bias) in self.log
 
-    def evaluate(self, bias: np.ndarray, description: str, reference: Evaluation | None) -> Evaluation:
+    def evaluate(
+        self, bias: np.ndarray, description: str, reference: Evaluation | None, *, n_items: int | None = None
+    ) -> Evaluation:
         """One candidate, raced against reference (None: not raced)."""
-        return self.evaluate_batch([(bias, description)], reference, chain=False)[0]
+        return self.evaluate_batch([(bias, description)], reference, chain=False, n_items=n_items)[0]
 
     def evaluate_batch(
-        self, cands: Sequence[tuple[np.ndarray, str]], start: Evaluation | None, *, chain: bool
+        self,
+        cands: Sequence[tuple[np.ndarray, str]],
+        start: Evaluation | None,
+        *,
+        chain: bool,
+        n_items: int | None = None,
     ) -> list[Evaluation]:
         """Candidates that do not depend on each other, scored over the pool; the same Evaluations as scoring
         them one after the other.
+
+        n_items: score each candidate on the first n_items items only, rounded up to whole chunks (None: all);
+        such records have their own keys (see :meth:`key`) and are raced within those items.
 
         Candidate i is raced against start (chain=False), or against the best of start and candidates 0..i-1
         (chain=True: the best-so-far rule of the grid and the ascent). A candidate whose reference is not
@@ -97,7 +115,7 @@ class Evaluator:
         race is replayed over the chunks it has, chunk by chunk in order, so it stops where a sequential run
         would have stopped, and the chunks scored beyond that point are dropped (they count in RunStats only).
         With one worker, candidates and chunks are scored in exactly the sequential order."""
-        return _Batch(self, cands, start, chain).run()
+        return _Batch(self, cands, start, chain, self.limit(n_items)).run()
 
     # --- for _Batch ---
 
@@ -128,10 +146,11 @@ class Evaluator:
         return batch, i, c, scores, seconds
 
     def complete(
-        self, key: str, bias: np.ndarray, description: str, results: list[Any], m: int, stopped: bool
+        self, key: str, bias: np.ndarray, description: str, results: list[Any], m: int, n: int, stopped: bool
     ) -> Evaluation:
-        """A candidate scored on its first m items (stopped early or not): recorded in the checkpoint."""
-        rec = self._evaluation(key, bias, description, results, m, stopped)
+        """A candidate asked for the first n items, scored on its first m (stopped early or not): recorded in
+        the checkpoint."""
+        rec = self._evaluation(key, bias, description, results, m, n, stopped)
         self.state.evaluations[key] = rec
         if self.checkpoint is not None:
             self.state.save(self.checkpoint)
@@ -139,7 +158,7 @@ class Evaluator:
         return rec
 
     def _evaluation(
-        self, key: str, bias: np.ndarray, description: str, results: list[Any], m: int, stopped: bool
+        self, key: str, bias: np.ndarray, description: str, results: list[Any], m: int, n: int, stopped: bool
     ) -> Evaluation:
         evaluated = self.items[:m]
         per_item = self.objective.per_item
@@ -150,7 +169,7 @@ class Evaluator:
             stage=self.progress.stage,
             objective=float(self.objective.fn(results, evaluated)),
             n_items_evaluated=m,
-            n_items=self.n,
+            n_items=n,
             stopped_early=stopped,
             norm=float(np.sum(np.abs(bias.astype(np.float64)))),
             values=values,
@@ -185,10 +204,17 @@ class _Batch:
     """One Evaluator.evaluate_batch call: slot i is candidate i, out[i] its Evaluation once known."""
 
     def __init__(
-        self, ev: Evaluator, cands: Sequence[tuple[np.ndarray, str]], start: Evaluation | None, chain: bool
+        self,
+        ev: Evaluator,
+        cands: Sequence[tuple[np.ndarray, str]],
+        start: Evaluation | None,
+        chain: bool,
+        n: int,
     ) -> None:
         self.ev = ev
-        self.slots = [_Slot(ev.key(b), b.copy(), d) for b, d in cands]
+        self.n = n  # the items each candidate is scored on: the first n (whole chunks, or all)
+        self.n_chunks = math.ceil(n / ev.chunk_size)
+        self.slots = [_Slot(ev.key(b, n), b.copy(), d) for b, d in cands]
         self.out: list[Evaluation | None] = [None] * len(self.slots)
         self.start = start
         self.chain = chain
@@ -240,7 +266,7 @@ class _Batch:
                     self._begin(i)
                     if self.out[i] is not None or s.alias is not None:
                         continue
-                if s.next_chunk < self.ev.n_chunks and (busy_ok or not s.in_flight):
+                if s.next_chunk < self.n_chunks and (busy_ok or not s.in_flight):
                     return i, s.next_chunk
         return None
 
@@ -250,7 +276,7 @@ class _Batch:
         s.started = True
         if s.key in ev.log:
             self.out[i] = ev.log[s.key]
-            ev.progress.tick(ev.n)
+            ev.progress.tick(self.n)
             return
         if s.key in self.first_of_key:  # the same bias earlier in this batch
             s.alias = self.first_of_key[s.key]
@@ -260,7 +286,7 @@ class _Batch:
         rec = ev.from_checkpoint(s.key)
         if rec is not None:
             ev.run.evaluations_from_checkpoint += 1
-            ev.progress.tick(ev.n)
+            ev.progress.tick(self.n)
             self.out[i] = rec
 
     def _receive(self, i: int, c: int, scores: list[Scores], seconds: float) -> None:
@@ -290,7 +316,7 @@ class _Batch:
             if s.alias is not None:
                 if self.out[s.alias] is not None:
                     self.out[i] = self.out[s.alias]
-                    self.ev.progress.tick(self.ev.n)
+                    self.ev.progress.tick(self.n)
                 continue
             self._advance(i)
 
@@ -312,22 +338,22 @@ class _Batch:
         if not known:
             return
         if s.ref_values is None and ev.racing and ref is not None and ref.values is not None:
-            if ref.stopped_early or len(ref.values) != ev.n:
-                raise AssertionError("the racing reference must be scored on every item")
+            if ref.stopped_early or len(ref.values) < self.n:
+                raise AssertionError("the racing reference must be scored on every item the candidate is")
             s.ref_values = np.asarray(ref.values, dtype=np.float64)
         while s.checked < s.prefix:
             s.checked += 1
-            m = min(s.checked * ev.chunk_size, ev.n)
+            m = min(s.checked * ev.chunk_size, self.n)
             if self._race_stops(s, m):
                 self._finish(i, m, True)
                 return
-        if s.prefix == ev.n_chunks:
-            self._finish(i, ev.n, False)
+        if s.prefix == self.n_chunks:
+            self._finish(i, self.n, False)
 
     def _race_stops(self, s: _Slot, m: int) -> bool:
         """Whether the race stops s after its first s.checked chunks (m items)."""
         per_item = self.ev.objective.per_item
-        if s.ref_values is None or per_item is None or s.checked < RACE_MIN_CHUNKS or m >= self.ev.n:
+        if s.ref_values is None or per_item is None or s.checked < RACE_MIN_CHUNKS or m >= self.n:
             return False
         d = per_item(s.results(s.checked), self.ev.items[:m]) - s.ref_values[:m]
         return clearly_worse(d)
@@ -335,9 +361,9 @@ class _Batch:
     def _finish(self, i: int, m: int, stopped: bool) -> None:
         ev, s = self.ev, self.slots[i]
         results = s.results(math.ceil(m / ev.chunk_size))
-        self.out[i] = ev.complete(s.key, s.bias, s.description, results, m, stopped)
-        ev.progress.tick(ev.n - s.ticked)
-        s.ticked = ev.n
+        self.out[i] = ev.complete(s.key, s.bias, s.description, results, m, self.n, stopped)
+        ev.progress.tick(self.n - s.ticked)
+        s.ticked = self.n
 
     def _remember(self) -> list[Evaluation]:
         """The batch's Evaluations, in order; the new ones enter the search's log."""

@@ -45,8 +45,10 @@ class StageProgress:
         self.done = 0
         self.total = 0
 
-    def begin(self, stage: str, n_candidates: int) -> None:
-        self.stage, self.done, self.total = stage, 0, n_candidates * self.n_items
+    def begin(self, stage: str, n_candidates: int, n_items: int | None = None) -> None:
+        """A stage of n_candidates, each scored on n_items items (None: all the calibration items)."""
+        per = self.n_items if n_items is None else n_items
+        self.stage, self.done, self.total = stage, 0, n_candidates * per
         self.tick(0)
 
     def tick(self, n: int) -> None:

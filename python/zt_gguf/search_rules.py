@@ -28,6 +28,7 @@ __all__ = [
     "head_coordinates",
     "head_gammas",
     "max_candidates",
+    "probe_items",
     "top_heads",
 ]
 
@@ -80,11 +81,26 @@ def clearly_worse(d: np.ndarray) -> bool:
 
 
 def gain(rec: Evaluation, base: Evaluation) -> float:
-    """rec's objective minus base's; the paired mean on rec's items when rec was stopped early."""
-    if rec.stopped_early and rec.values is not None and base.values is not None:
-        m = rec.n_items_evaluated
+    """rec's objective minus base's on the same items: the paired mean on rec's items when rec was scored on
+    fewer items than base (stopped early, or probed on a subsample); base must then have per-item values, or
+    be scored on exactly rec's items."""
+    m = rec.n_items_evaluated
+    if m < base.n_items_evaluated:
+        if rec.values is None or base.values is None:
+            raise ValueError("a gain on fewer items than the reference's needs per-item values")
         return float(np.mean(np.asarray(rec.values) - np.asarray(base.values[:m])))
+    if m != base.n_items_evaluated:
+        raise ValueError(f"a gain of a candidate scored on {m} items against one scored on fewer")
     return _value(rec.objective) - _value(base.objective)
+
+
+def probe_items(config: SearchConfig, n_items: int) -> int | None:
+    """The items each probe is scored on: None (all n_items, the paper) unless config.probe_items is smaller;
+    then that many, rounded up to whole chunks (the search scores in chunks)."""
+    if config.probe_items is None:
+        return None
+    m = math.ceil(config.probe_items / config.chunk_size) * config.chunk_size
+    return m if m < n_items else None
 
 
 def dominant_type(gains_up: Sequence[float], gains_down: Sequence[float]) -> str:
