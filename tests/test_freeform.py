@@ -107,15 +107,22 @@ def test_open_ended_lines_load_with_their_rule(tmp_path: Path) -> None:
 # --- answer-logprob: teacher forcing against NumPy ----------------------------------------------------------
 
 
-def _reference_logprob(model: Model, alone: Context, prompt: str, answer: str) -> tuple[float, int]:
-    """log p(answer tokens | prompt) from one sequence's logits, and the number of answer tokens (the tokens
-    of prompt + answer after the longest common prefix with the prompt's: a merged boundary token counts)."""
+def _reference_logprobs(model: Model, alone: Context, prompt: str, answer: str) -> tuple[float, int, float]:
+    """log p(answer tokens | prompt) from one sequence's logits, the number of answer tokens (the tokens of
+    prompt + answer after the longest common prefix with the prompt's: a merged boundary token counts) and
+    the log-probability of the first of them."""
     p, w = model.tokenize(prompt), model.tokenize(prompt + answer)
     branch = next((i for i, (a, b) in enumerate(zip(p, w)) if a != b), min(len(p), len(w)))
     x = alone.logits(w).astype(np.float64)
     lp = x - x.max(axis=1, keepdims=True)
     lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
-    return float(sum(lp[j - 1, w[j]] for j in range(branch, len(w)))), len(w) - branch
+    total = float(sum(lp[j - 1, w[j]] for j in range(branch, len(w))))
+    return total, len(w) - branch, float(lp[branch - 1, w[branch]])
+
+
+def _reference_logprob(model: Model, alone: Context, prompt: str, answer: str) -> tuple[float, int]:
+    total, n, _ = _reference_logprobs(model, alone, prompt, answer)
+    return total, n
 
 
 @pytest.mark.parametrize("biased", [False, True])
@@ -139,16 +146,21 @@ def test_answer_logprob_is_the_first_reference_log_likelihood_per_token(
 
     scores = ctx.score(task.items, n_gen=0)
     results = metrics.item_results(scores, task.items)
-    want = []
+    want, want_first = [], []
     for item, s, r in zip(task.items, scores, results):
-        total, n = _reference_logprob(model, alone, item.prompt, item.references[0])
+        total, n, first = _reference_logprobs(model, alone, item.prompt, item.references[0])
         assert int(s.choice_n_tokens[0]) == n
         np.testing.assert_allclose(s.choice_logprob[0], total, atol=4 * ATOL, rtol=0)
         assert r.answer_logprob == pytest.approx(total / n, abs=4 * ATOL)
+        assert r.answer_first_logprob == pytest.approx(first, abs=4 * ATOL)
         want.append(total / n)
+        want_first.append(first)
     assert np.std(want) > 0.1  # the items differ: the comparison is not of one constant
+    assert max(abs(a - b) for a, b in zip(want, want_first)) > 0.1  # the first token is not the whole answer
     obj = objectives.get_objective("answer-logprob")
     assert obj.fn(results, task.items) == pytest.approx(float(np.mean(want)), abs=4 * ATOL)
+    first_obj = objectives.get_objective("answer-first-logprob")
+    assert first_obj.fn(results, task.items) == pytest.approx(float(np.mean(want_first)), abs=4 * ATOL)
     assert metrics.summarize(results, task.items).mean_correct_logprob == pytest.approx(
         np.mean(want), abs=4 * ATOL
     )

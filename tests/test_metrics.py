@@ -138,13 +138,19 @@ def test_objective_registry() -> None:
         "bc-logprob",
         "bc-mutual-information",
         "answer-logprob",
+        "answer-first-logprob",
         "exact-match",
     }
     for name, obj in OBJECTIVES.items():
         fn, needs_labels, description = obj[:3]
         assert callable(fn) and description
         plain = name.removeprefix("bc-")
-        labelled = plain.startswith("accuracy") or plain in ("logprob", "answer-logprob", "exact-match")
+        labelled = plain.startswith("accuracy") or plain in (
+            "logprob",
+            "answer-logprob",
+            "answer-first-logprob",
+            "exact-match",
+        )
         assert needs_labels == labelled
         # not a mean of per-item values: mutual information, and everything judged after Batch Calibration
         assert (obj.per_item is None) == (name == "mutual-information" or name.startswith("bc-"))

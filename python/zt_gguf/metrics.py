@@ -100,6 +100,8 @@ class ItemResult:
     choice_probs: np.ndarray  # softmax over the choices' total log-likelihoods
     # open-ended items: the first reference's log-likelihood per token after the prompt (teacher forcing)
     answer_logprob: float | None = None
+    # ... and the log-probability of its first token alone
+    answer_first_logprob: float | None = None
 
 
 def item_results(scores: Sequence[Scores], items: Sequence[Item]) -> list[ItemResult]:
@@ -144,6 +146,7 @@ def _open_result(s: Scores, item: Item) -> ItemResult:
         entropy_choices=float(s.entropy_choices),
         choice_probs=np.ones(1),
         answer_logprob=float(s.choice_logprob[0]) / n_tok,
+        answer_first_logprob=float(s.choice_first_logprob[0]),
     )
 
 

@@ -130,6 +130,11 @@ def _answer_logprob(results: Sequence[ItemResult], items: Sequence[Item]) -> np.
     return np.array([r.answer_logprob for r in results], dtype=np.float64)
 
 
+def _answer_first_logprob(results: Sequence[ItemResult], items: Sequence[Item]) -> np.ndarray:
+    _require_answers(items)
+    return np.array([r.answer_first_logprob for r in results], dtype=np.float64)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "accuracy-generate": _per_item_objective(
         _correct_generate,
@@ -158,6 +163,13 @@ OBJECTIVES: dict[str, Objective] = {
         True,
         "mean log-likelihood per token of the first reference answer after the prompt (teacher forcing: "
         "one decode per item, no generation; smooth)",
+        ("open",),
+    ),
+    "answer-first-logprob": _per_item_objective(
+        _answer_first_logprob,
+        True,
+        "mean log-probability of the first token of the first reference answer after the prompt (teacher "
+        "forcing): whether the answer starts right, as the greedy continuation's first token must",
         ("open",),
     ),
     "exact-match": _per_item_objective(
