@@ -63,7 +63,6 @@ PAIRS = {
 
 def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out: Path) -> None:
     from zt_gguf import models
-    from zt_gguf.comparison import run_comparison
     from zt_gguf.engine import Context, Model, fit_n_ctx
     from zt_gguf.scoring import MemoScorer, content_free_items
     from zt_gguf.search import SearchConfig, search
@@ -88,55 +87,79 @@ def run_one(model_name: str, task: str, seed: int, args: argparse.Namespace, out
     for mode, objective in runs:
         t0 = time.monotonic()
         res = search(lambda b, c: memo(b, c), calib, model.bias_shape, SearchConfig(objective=objective))
-        cmp = run_comparison(
-            memo, calib, held, cf, res.bias, supervised=mode == "supervised",
-            scoring="generate" if args.generate else "choice", objective=objective, seed=seed,
-        )  # fmt: skip
-        assert cmp is not None
-        rec = {
-            "model": model_name,
-            "task": task,
-            "seed": seed,
-            "mode": mode,
-            "objective": objective,
-            "n_cal": len(calib),
-            "n_held": len(held),
-            "chosen": {"type": res.head_type, "heads": res.heads, "gamma": res.best_gamma},
-            "candidates": res.n_evaluations,
-            "seconds": time.monotonic() - t0,
-            "rows": {
-                str(r.key): {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows
-            },
-            "choice_rows": {str(r.key): r.accuracy for r in cmp.choice_rows},
-            "invalid": {
-                k: float(np.mean([x is None for x in v]))
-                for k, v in (
-                    ("untuned", _gen_preds(memo, None, held)),
-                    ("tuned", _gen_preds(memo, res.bias, held)),
-                )
-            }
-            if args.generate
-            else None,
-            "logit_bias": {
-                str(r.key): r.correction.to_dict() for r in cmp.rows if r.key.correction == "logit-bias"
-            },
-            "correct": {str(r.key): r.correct.astype(int).tolist() for r in cmp.rows},
-            "shipped": str(cmp.shipped),
-            "verdict": cmp.verdict.to_dict() if cmp.verdict else None,
-            "notes": cmp.notes,
-            "date": utc_now(),
+        rec = record(model_name, task, seed, mode, objective, memo, calib, held, cf, res, args.generate)
+        rec["seconds"] = time.monotonic() - t0
+        write_line(out, rec)
+
+
+def record(
+    model_name: str,
+    task: str,
+    seed: int,
+    mode: str,
+    objective: str,
+    memo,  # noqa: ANN001
+    calib: list,
+    held: list,
+    cf: list,
+    res,  # noqa: ANN001
+    generate: bool = False,
+) -> dict:
+    """The baselines.jsonl line of one search result: the held-out comparison of its pick (what calibrate
+    reports), scored through memo; "seconds" is left to the caller."""
+    from zt_gguf.comparison import run_comparison
+
+    cmp = run_comparison(
+        memo, calib, held, cf, res.bias, supervised=mode == "supervised",
+        scoring="generate" if generate else "choice", objective=objective, seed=seed,
+    )  # fmt: skip
+    assert cmp is not None
+    return {
+        "model": model_name,
+        "task": task,
+        "seed": seed,
+        "mode": mode,
+        "objective": objective,
+        "n_cal": len(calib),
+        "n_held": len(held),
+        "chosen": {"type": res.head_type, "heads": res.heads, "gamma": res.best_gamma},
+        "candidates": res.n_evaluations,
+        "seconds": None,
+        "rows": {str(r.key): {"accuracy": r.accuracy, "delta_vs_tuned": r.delta_vs_tuned} for r in cmp.rows},
+        "choice_rows": {str(r.key): r.accuracy for r in cmp.choice_rows},
+        "invalid": {
+            k: float(np.mean([x is None for x in v]))
+            for k, v in (
+                ("untuned", _gen_preds(memo, None, held)),
+                ("tuned", _gen_preds(memo, res.bias, held)),
+            )
         }
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        v = rec["verdict"]
-        print(
-            f"{model_name} {task} seed {seed} {objective}: "
-            f"untuned {100 * rec['rows']['untuned']['accuracy']:.1f} "
-            f"tuned {100 * rec['rows']['tuned']['accuracy']:.1f} best free {v['best_free']} "
-            f"{100 * v['best_free_accuracy']:.1f} shipped {v['shipped']} {100 * v['shipped_accuracy']:.1f} "
-            f"({rec['seconds']:.0f} s)",
-            flush=True,
-        )
+        if generate
+        else None,
+        "logit_bias": {
+            str(r.key): r.correction.to_dict() for r in cmp.rows if r.key.correction == "logit-bias"
+        },
+        "correct": {str(r.key): r.correct.astype(int).tolist() for r in cmp.rows},
+        "shipped": str(cmp.shipped),
+        "verdict": cmp.verdict.to_dict() if cmp.verdict else None,
+        "notes": cmp.notes,
+        "date": utc_now(),
+    }
+
+
+def write_line(out: Path, rec: dict) -> None:
+    """Append rec to out and print its summary line."""
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    v = rec["verdict"]
+    print(
+        f"{rec['model']} {rec['task']} seed {rec['seed']} {rec['objective']}: "
+        f"untuned {100 * rec['rows']['untuned']['accuracy']:.1f} "
+        f"tuned {100 * rec['rows']['tuned']['accuracy']:.1f} best free {v['best_free']} "
+        f"{100 * v['best_free_accuracy']:.1f} shipped {v['shipped']} {100 * v['shipped_accuracy']:.1f} "
+        f"({rec['seconds']:.0f} s)",
+        flush=True,
+    )
 
 
 def _gen_preds(memo, bias, held):  # noqa: ANN001, ANN202
