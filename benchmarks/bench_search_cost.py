@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +42,53 @@ def pick(res) -> dict:  # noqa: ANN001
     return {"type": res.head_type, "heads": res.heads, "gamma": res.best_gamma, "best": res.best_description}
 
 
+def selection_stability(state, res, n_boot: int, seed: int = 0) -> dict | None:  # noqa: ANN001
+    """How stable the paper search's own head selection is: the probe gains recomputed on n_boot bootstrap
+    resamples of the calibration items (from the checkpoint's per-item values; a probe stopped early uses the
+    resampled items among those it was scored on), then the paper's rule (dominant type, top heads). Returns
+    the share of resamples that select the same type, and the same type and heads, as the search did; None
+    when the objective has no per-item values."""
+    from zt_gguf.search_rules import dominant_type, top_heads
+
+    by_desc = {e.description: e for e in state.evaluations.values()}
+    base = by_desc["baseline"]
+    if base.values is None:
+        return None
+    cfg = res.config
+    n_head = len(res.gains_up)
+    b = np.asarray(base.values)
+    probes = {
+        (h, kind): np.asarray(by_desc[f"probe head {h} gamma={g:g}"].values)
+        for h in range(n_head)
+        for kind, g in (("up", cfg["probe_up"]), ("down", cfg["probe_down"]))
+    }
+    rng = np.random.default_rng(seed)
+    same_type = same = 0
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(b), len(b))
+        gains: dict[str, list[float]] = {"up": [], "down": []}
+        for (_h, kind), v in probes.items():
+            sel = idx[idx < len(v)]
+            sel = sel if len(sel) else np.arange(len(v))
+            gains[kind].append(float(np.mean(v[sel] - b[sel])))
+        t = dominant_type(gains["up"], gains["down"])
+        heads = top_heads(gains[t], cfg["head_fraction"])
+        same_type += t == res.head_type
+        same += t == res.head_type and heads == res.heads
+    return {"n_boot": n_boot, "same_type": same_type / n_boot, "same_type_and_heads": same / n_boot}
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
 def run_task(model_name: str, task: str, args: argparse.Namespace, out: Path) -> None:
     from zt_gguf import models
     from zt_gguf.engine import Context, Model, fit_n_ctx
     from zt_gguf.metrics import item_results
     from zt_gguf.objectives import get_objective
     from zt_gguf.scoring import MemoScorer, content_free_items
-    from zt_gguf.search import SearchConfig, search
+    from zt_gguf.search import SearchConfig, SearchState, search
     from zt_gguf.tasks import load_task, split_items
 
     loaded = load_task(DATA / FILES[task], allow_duplicate_choices=True)
@@ -80,9 +121,26 @@ def run_task(model_name: str, task: str, args: argparse.Namespace, out: Path) ->
 
     for objective in args.objectives.split(","):
         t0, e0 = time.monotonic(), ctx.stats["t_score_s"]
-        full = search(lambda b, c: memo(b, c), calib, model.bias_shape, SearchConfig(objective=objective))
+        with tempfile.TemporaryDirectory() as tmp:  # the checkpoint keeps every candidate's per-item values
+            ckpt = Path(tmp) / "search.json"
+            full = search(
+                lambda b, c: memo(b, c),
+                calib,
+                model.bias_shape,
+                SearchConfig(objective=objective),
+                checkpoint=ckpt,
+            )
+            stability = selection_stability(SearchState.load(ckpt), full, args.bootstrap)
         paper = summary(full, t0, e0)
-        if args.baselines:  # bench_baselines' line of the paper search's pick
+        paper["stability"] = stability
+        print(
+            f"{model_name} {task} {objective}: the paper's own selection under resampling: {stability}",
+            flush=True,
+        )
+        if args.baselines and not any(
+            (r["model"], r["task"], r["seed"], r["objective"]) == (model_name, task, args.seed, objective)
+            for r in _read(args.baselines)
+        ):  # bench_baselines' line of the paper search's pick
             mode = "supervised" if get_objective(objective).needs_labels else "unsupervised"
             rec = record(model_name, task, args.seed, mode, objective, memo, calib, held, cf, full)
             rec["seconds"] = time.monotonic() - t0
@@ -116,9 +174,16 @@ def run_task(model_name: str, task: str, args: argparse.Namespace, out: Path) ->
 def table(recs: list[dict]) -> str:
     lines = [
         "| model | task | objective | n cal | paper: item-scorings | pick | probe_items | item-scorings "
-        "| ratio | pick | same pick | held-out accuracy untuned / paper / probe_items (where they differ) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio | pick | same pick | held-out accuracy untuned / paper / probe_items (where they differ) "
+        "| the paper's own type / type and heads under resampling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    last = {(r["model"], r["task"], r["objective"], r["probe_n"]): r for r in recs}  # a rerun replaces a row
+    recs = list(last.values())
+
+    def stab(r: dict) -> str:
+        st = r["paper"].get("stability")
+        return f"{100 * st['same_type']:.0f}% / {100 * st['same_type_and_heads']:.0f}%" if st else "n/a"
 
     def fmt(p: dict) -> str:
         return "baseline" if p["gamma"] == 1.0 else f"{p['type']} {p['heads']} gamma {p['gamma']:g}"
@@ -132,7 +197,7 @@ def table(recs: list[dict]) -> str:
             f"| {r['model']} | {r['task']} | {r['objective']} | {r['n_cal']} | {r['paper']['items_scored']} "
             f"| {fmt(r['paper']['pick'])} | {r['probe_n']} | {r['probe_items']['items_scored']} "
             f"| {r['ratio']:.2f} "
-            f"| {fmt(r['probe_items']['pick'])} | {'yes' if r['same_pick'] else 'no'} | {held} |"
+            f"| {fmt(r['probe_items']['pick'])} | {'yes' if r['same_pick'] else 'no'} | {held} | {stab(r)} |"
         )
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in recs:
@@ -156,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objectives", default="logprob,mutual-information")
     ap.add_argument("--probe-items", default="32,64", help="the cheap searches' probe_items, comma-separated")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the selection's stability")
     ap.add_argument("--n-cal", type=int, default=100)
     ap.add_argument("--n-held", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
