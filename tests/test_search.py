@@ -519,6 +519,13 @@ def test_events_plan_estimate_and_candidates() -> None:
     assert announced[0] == "baseline"
     assert list(dict.fromkeys(announced)) == [c.description for c in result.candidates]
     assert "no_discrimination" not in names  # the planted heads change the accuracy
+    # with the probes on the first chunk only: 2 * N_HEAD probes + a baseline on 1 chunk, the rest on 3
+    _, events = _events(
+        FakeModel(n_items=50), SearchConfig(method="bands", budget=4, chunk_size=20, probe_items=5)
+    )
+    est = dict(events)["estimate"]
+    others = plan["n_candidates"] - 2 * N_HEAD
+    assert est["estimate_s"] == pytest.approx(est["chunk_s"] * (others * 3 + (2 * N_HEAD + 1) * 1))
 
 
 def test_events_no_discrimination_when_every_candidate_scores_the_same() -> None:

@@ -49,9 +49,9 @@ Events
 ``events(name, data)``, when given, tells what the search is about to do and what it found early:
 ``"plan"`` before the first candidate (``n_candidates``: the most the method will score, ``n_items``,
 ``chunk_size``, ``n_chunks``); ``"estimate"`` once the first chunk of items has been scored by the scorer
-(``chunk_s``: its wall time, ``estimate_s``: chunk_s x chunks x candidates / workers, the time without
-early stopping or the checkpoint, ``n_workers``); ``"candidate"`` before each candidate (``description``,
-``index``); ``"done"`` after each candidate this run scores (``description``, ``n_done``: the count so far;
+(``chunk_s``: its wall time, ``estimate_s``: chunk_s x the plan's chunks / workers (every candidate on every
+chunk, the probes on probe_items only), the time without early stopping or the checkpoint, ``n_workers``);
+``"candidate"`` before each candidate (``description``, ``index``); ``"done"`` after each candidate this run scores (``description``, ``n_done``: the count so far;
 with several workers candidates finish out of order); ``"no_discrimination"`` once, when the baseline and
 the first EQUAL_PROBE_CHECK probes give exactly the same per-item values on the first chunk (the scoring
 cannot tell those candidates apart: an accuracy of a generation that never names a label, for instance).
@@ -121,6 +121,7 @@ from .search_rules import (
     head_coordinates,
     head_gammas,
     max_candidates,
+    max_chunk_jobs,
     probe_items,
     top_heads,
 )
@@ -421,7 +422,7 @@ def search(
     path = Path(checkpoint) if checkpoint is not None else None
     state = SearchState.load(path, scorer_id) if path else SearchState(scorer_id=scorer_id)
     n_candidates, n_chunks = max_candidates(config, shape[1]), math.ceil(len(ordered) / config.chunk_size)
-    sink = SearchEvents(events, n_candidates, n_chunks)
+    sink = SearchEvents(events, n_candidates, n_chunks, max_chunk_jobs(config, shape[1], len(ordered)))
     ev = Evaluator(
         pool,
         ordered,

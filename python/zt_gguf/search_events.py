@@ -61,12 +61,16 @@ class StageProgress:
 
 
 class SearchEvents:
-    """Sends the events of one search: n_candidates is the plan's count, n_chunks the chunks per candidate."""
+    """Sends the events of one search: n_candidates is the plan's count, n_chunks the chunks per candidate,
+    n_jobs the most chunks the plan scores (default: every candidate on every chunk)."""
 
-    def __init__(self, events: Events | None, n_candidates: int, n_chunks: int) -> None:
+    def __init__(
+        self, events: Events | None, n_candidates: int, n_chunks: int, n_jobs: int | None = None
+    ) -> None:
         self.events = events
         self.n_candidates = n_candidates
         self.n_chunks = n_chunks
+        self.n_jobs = n_candidates * n_chunks if n_jobs is None else n_jobs
         self.n_started = 0  # candidates announced by the "candidate" event
         self.n_done = 0  # candidates scored by this run ("done" event)
         self.estimated = False
@@ -92,7 +96,7 @@ class SearchEvents:
             self.send(
                 EVENT_ESTIMATE,
                 chunk_s=seconds,
-                estimate_s=seconds * self.n_chunks * self.n_candidates / n_workers,
+                estimate_s=seconds * self.n_jobs / n_workers,
                 n_candidates=self.n_candidates,
                 n_workers=n_workers,
             )

@@ -28,6 +28,7 @@ __all__ = [
     "head_coordinates",
     "head_gammas",
     "max_candidates",
+    "max_chunk_jobs",
     "probe_items",
     "top_heads",
 ]
@@ -149,6 +150,17 @@ def head_gammas(best_gamma: float, probe_up: float, probe_down: float) -> list[f
         if g not in gammas:
             gammas.append(g)
     return gammas
+
+
+def max_chunk_jobs(config: SearchConfig, n_head: int, n_items: int) -> int:
+    """The most chunks the method scores: every candidate of max_candidates on every chunk, but the probes
+    (and a baseline on their items, which an objective without per-item values needs) on probe_items only."""
+    n_chunks = math.ceil(n_items / config.chunk_size)
+    m = probe_items(config, n_items)
+    if m is None:
+        return max_candidates(config, n_head) * n_chunks
+    probe_chunks = math.ceil(m / config.chunk_size)
+    return (max_candidates(config, n_head) - 2 * n_head) * n_chunks + (2 * n_head + 1) * probe_chunks
 
 
 def max_candidates(config: SearchConfig, n_head: int) -> int:
