@@ -54,8 +54,8 @@ chunk, the probes on probe_items only), the time without early stopping or the c
 ``"candidate"`` before each candidate (``description``, ``index``); ``"done"`` after each candidate this run
 scores (``description``, ``n_done``: the count so far; with several workers candidates finish out of order);
 ``"no_discrimination"`` once, when the baseline and the first EQUAL_PROBE_CHECK probes give exactly the same
-per-item values on the first chunk (the scoring
-cannot tell those candidates apart: an accuracy of a generation that never names a label, for instance).
+per-item values on the first chunk (the scoring cannot tell those candidates apart: an accuracy of a
+generation that never names a label, for instance).
 The names are the ``EVENT_*`` constants of zt_gguf.search_events.
 
 Pools
