@@ -24,6 +24,12 @@ makes no move or ``budget`` new candidates have been scored.
 entries, heads in the order of their best probe gain, layers in order; each entry tries gamma in {1, the
 paper's gamma, probe_up, probe_down} with the other entries of the incumbent kept; same passes and budget.
 
+``probe_items`` (beyond the paper, off by default): the probes are scored on the first probe_items items of
+the fixed order only (rounded up to whole chunks), and a probe's gain is its paired mean there against the
+baseline's per-item values (against a baseline scored on those items when the objective has no per-item
+values); the baseline and the grid are scored on every item. It cuts the probes' cost; the heads it selects
+come from fewer items (benchmarks/results/search_cost.md).
+
 "Better" means a higher objective; a tie (within 1e-12) goes to the smaller sum of |ln gamma| (so toward the
 baseline), then to the earlier candidate. A candidate stopped early is never the best.
 
