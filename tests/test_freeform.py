@@ -309,6 +309,7 @@ def _fake_scores(texts: list[str]) -> list[SimpleNamespace]:
         SimpleNamespace(
             choice_logprob=np.array([-2.0]),
             choice_n_tokens=np.array([2]),
+            choice_first_logprob=np.array([-1.5]),
             gen_text=t,
             entropy_full=1.0,
             entropy_choices=0.0,
