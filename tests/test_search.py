@@ -912,7 +912,7 @@ def test_probe_items_racing_resume_and_workers(tmp_path: Path) -> None:
         search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="fake")
     model.fail_after = None
     assert _same(search(model, model.items, model.shape, config, checkpoint=ckpt, scorer_id="fake"), straight)
-    # a checkpoint of the full-probe search is not reused for the subsampled probes, nor the reverse
+    # the subsampled probes' records in the checkpoint are not taken for full evaluations
     other = FakeModel()
     full_config = SearchConfig(method="bands", objective="logprob", chunk_size=16, budget=10)
     full = search(other, other.items, other.shape, full_config, checkpoint=ckpt, scorer_id="fake")
